@@ -1,0 +1,13 @@
+"""Converge one rig: `pyinfra inventory/garage.py deploy.py`.
+
+Settings of every host are validated before any operation is added (llm_garage.fleet);
+each task then reads only its host's validated `Rig`."""
+
+from pyinfra import host
+
+from llm_garage.fleet import rig_for
+from tasks import base
+
+rig = rig_for(host)
+
+base.prepare(rig)

@@ -1,0 +1,95 @@
+"""`llm-garage`: offline checks and plans for an inventory (no host is contacted)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .fleet import SettingsError, load_fleet
+from .settings import Rig
+
+
+def load_inventory(path: str):
+    """Load a pyinfra inventory file the way the pyinfra CLI does, without connecting."""
+    from pyinfra.api import Config, State
+    from pyinfra.context import ctx_inventory, ctx_state
+    from pyinfra_cli.inventory import make_inventory
+
+    if not Path(path).is_file():
+        raise SystemExit(f"llm-garage: no inventory file at {path}")
+    state = State(check_for_changes=False)
+    state.cwd = os.getcwd()
+    ctx_state.set(state)
+    inventory = make_inventory(path, cwd=state.cwd)
+    ctx_inventory.set(inventory)
+    state.init(inventory, Config())
+    return inventory
+
+
+def plan_lines(rig: Rig) -> list[str]:
+    """What a deploy converges this rig to, in words a reader can check."""
+    d = rig.data
+    out = [f"rig {rig.name}"]
+    gpus = f"{d.gpu_count} NVIDIA GPU(s)" if d.gpu_count else "no NVIDIA GPUs"
+    out.append(f"  gpus: {gpus}")
+    limits = rig.power_limits()
+    if limits:
+        out.append("    power limits: " + ", ".join(f"GPU{i} {w:g} W" for i, w in
+                                                    enumerate(limits))
+                   + " (re-applied at boot)")
+    if d.gpu_count:
+        out.append(f"    persistence mode: {'on' if d.gpu_persistence_mode else 'left alone'}")
+    for name, e in sorted(rig.engines.items()):
+        follow = " (following the branch)" if e.follow else ""
+        out.append(f"  engine {name}: {e.kind} {e.ref}{follow} from {e.git_remote}")
+        arches = None if e.cuda_architectures == "auto" else e.cuda_architectures
+        flags = e.cmake_flags(arches)
+        if e.cuda and arches is None:
+            flags["CMAKE_CUDA_ARCHITECTURES"] = "<auto: from nvidia-smi compute_cap>"
+        out.append("    cmake " + " ".join(f"-D{k}={v}" for k, v in flags.items()))
+        out.append(f"    builds in {rig.engine_builds_dir(name)}/<commit>-<flags>, "
+                   f"-j {e.build_jobs}, keeps {e.keep_builds}")
+    for name, m in sorted(rig.models.items()):
+        kind, value = m.selector()
+        out.append(f"  model {name}: {m.repo}@{m.revision} {kind}={value} -> {rig.model_dir(name)}")
+    for name, p in sorted(rig.profiles.items()):
+        state = "enabled" if p.enabled else "disabled"
+        out.append(f"  profile {name} ({state}) as {rig.service_name(name)}, "
+                   f"http://{rig.address}:{p.port}/v1 model {rig.alias(name)}")
+        model_path = f"{rig.model_dir(p.model)}/<first file of {p.model}>"
+        out.append("    " + rig.server_command(name, model_path))
+    if d.opencode_client:
+        out.append(f"  opencode.json: {d.opencode_config_path} "
+                   f"(provider {d.opencode_provider})")
+    return out
+
+
+def cmd_check(args) -> int:
+    inventory = load_inventory(args.inventory)
+    try:
+        rigs = load_fleet(inventory)
+    except SettingsError as e:
+        print(f"llm-garage: {args.inventory}: {e}", file=sys.stderr)
+        return 1
+    for rig in rigs.values():
+        print("\n".join(plan_lines(rig)))
+        print()
+    print(f"{args.inventory}: {len(rigs)} rig(s) valid")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="llm-garage", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    check = sub.add_parser("check", help="validate an inventory and print each rig's plan "
+                                         "(offline, no host contacted)")
+    check.add_argument("inventory", help="pyinfra inventory file, e.g. inventory/garage.py")
+    check.set_defaults(func=cmd_check)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,598 @@
+"""The settings of one rig: every setting once, with its default, type and meaning.
+
+Inventory and group data hold raw values; `load_rig` turns them into one validated `Rig` per
+host, and tasks read only that object. Derived values (paths, cmake flags, the llama-server
+command line) are computed here so that templates never compute."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import shlex
+from collections.abc import Mapping
+from typing import Any
+
+from .schema import (
+    Invalid,
+    SettingError,
+    build,
+    either,
+    is_abs_path,
+    is_bool,
+    is_int,
+    is_number,
+    is_str,
+    list_of,
+    mapping_of,
+    one_of,
+    optional,
+    setting,
+    unknown_key,
+)
+
+LLAMA_CPP = "llama.cpp"
+IK_LLAMA_CPP = "ik_llama.cpp"
+UPSTREAM_REMOTES = {
+    LLAMA_CPP: "https://github.com/ggml-org/llama.cpp.git",
+    IK_LLAMA_CPP: "https://github.com/ikawrakow/ik_llama.cpp.git",
+}
+SHA_RE = re.compile(r"[0-9a-f]{40}")
+NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
+CMAKE_NAME = r"[A-Z][A-Z0-9_]*"
+KV_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1", "q6_0")
+SPLIT_MODES = {
+    LLAMA_CPP: ("none", "layer", "row"),
+    IK_LLAMA_CPP: ("none", "layer", "attn", "graph"),
+}
+
+
+def _cuda_arch_entry(value):
+    text = str(value)
+    if not re.fullmatch(r"[0-9]{2,3}a?(-real|-virtual)?", text):
+        raise Invalid(f"{text!r} is not a CUDA architecture", "e.g. 86, 89, 120, '120a-real'")
+    return text
+
+
+def _cuda_architectures(value):
+    if value == "auto":
+        return "auto"
+    if isinstance(value, str):
+        value = [v for v in value.replace(",", ";").split(";") if v]
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value]
+    return list_of(_cuda_arch_entry, min_len=1, what="architectures")(value)
+
+
+def _cmake_value(value):
+    if isinstance(value, bool):
+        return "ON" if value else "OFF"
+    if isinstance(value, int | float | str) and "\n" not in str(value):
+        return str(value)
+    raise Invalid(f"{value!r} is not a CMake value", "ON/OFF, true/false, a number or text")
+
+
+def _args(value):
+    return list_of(is_str(accepts="a command-line argument"), what="arguments")(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class Engine:
+    """engines.<name>: one inference engine to build from source."""
+
+    kind: str = setting(doc="which engine this is", type="'llama.cpp' | 'ik_llama.cpp'",
+                        check=one_of(LLAMA_CPP, IK_LLAMA_CPP))
+    ref: str = setting(doc="the pin: a tag such as b8137 or a full 40-character commit SHA "
+                           "(ik_llama.cpp has no release tags: commit only)", type="str",
+                       check=is_str(r"[A-Za-z0-9][A-Za-z0-9._/-]*", "a tag or commit SHA"))
+    follow: bool = setting(False, doc="ref names a branch to track; the resolved commit is "
+                                      "recorded on the rig", type="bool", check=is_bool)
+    remote: str | None = setting(None, doc="git remote to fetch from; empty = the upstream "
+                                           "repository of `kind` (set it for a mirror)",
+                                 type="str", check=optional(is_str(accepts="a git URL or path")))
+    cuda: bool = setting(True, doc="build the CUDA backend (GGML_CUDA)", type="bool",
+                         check=is_bool)
+    fa_all_quants: bool = setting(True, doc="flash-attention kernels for every KV quant pair "
+                                            "(GGML_CUDA_FA_ALL_QUANTS); needed for quantized "
+                                            "or mixed -ctk/-ctv on the GPU", type="bool",
+                                  check=is_bool)
+    cuda_architectures: str | list[str] = setting(
+        "auto", doc="CUDA architectures to build for; 'auto' = from the rig's GPUs "
+                    "(compute_cap 8.6 -> 86)", type="'auto' | list[str]",
+        check=_cuda_architectures)
+    rpc: bool = setting(False, doc="build the RPC backend and rpc-server (GGML_RPC)",
+                        type="bool", check=is_bool)
+    shared_libs: bool = setting(False, doc="build shared libraries (BUILD_SHARED_LIBS)",
+                                type="bool", check=is_bool)
+    build_type: str = setting("Release", doc="CMAKE_BUILD_TYPE", type="str",
+                              check=one_of("Release", "RelWithDebInfo", "Debug"))
+    cmake_extra: dict[str, str] = setting(
+        {}, doc="further -D flags, e.g. {'GGML_NATIVE': 'OFF'}", type="dict[str, str]",
+        check=mapping_of(_cmake_value, CMAKE_NAME, "an upper-case CMake variable name"))
+    build_jobs: str | int = setting("auto", doc="parallel compile jobs; 'auto' = the rig's "
+                                                "core count (lower it if RAM runs out)",
+                                    type="'auto' | int",
+                                    check=either(one_of("auto"), is_int(1, 512),
+                                                 accepts="'auto' or a whole number from 1"))
+    keep_builds: int = setting(3, doc="builds kept on disk for instant rollback (the current "
+                                      "one is never deleted)", type="int", check=is_int(1, 50))
+
+    @property
+    def git_remote(self) -> str:
+        return self.remote or UPSTREAM_REMOTES[self.kind]
+
+    @property
+    def pinned_commit(self) -> str | None:
+        return self.ref if SHA_RE.fullmatch(self.ref) else None
+
+    def cmake_flags(self, architectures: list[str] | None) -> dict[str, str]:
+        """The effective -D flags, in a stable order; `architectures` resolved from 'auto'."""
+        flags = {
+            "CMAKE_BUILD_TYPE": self.build_type,
+            "BUILD_SHARED_LIBS": "ON" if self.shared_libs else "OFF",
+            "GGML_CUDA": "ON" if self.cuda else "OFF",
+        }
+        if self.cuda:
+            flags["GGML_CUDA_FA_ALL_QUANTS"] = "ON" if self.fa_all_quants else "OFF"
+            flags["CMAKE_CUDA_ARCHITECTURES"] = ";".join(architectures or [])
+        flags["GGML_RPC"] = "ON" if self.rpc else "OFF"
+        flags["LLAMA_BUILD_TESTS"] = "OFF"
+        flags.update(self.cmake_extra)
+        return flags
+
+
+OWNED_CMAKE_FLAGS = {
+    "CMAKE_BUILD_TYPE": "build_type",
+    "BUILD_SHARED_LIBS": "shared_libs",
+    "GGML_CUDA": "cuda",
+    "GGML_CUDA_FA_ALL_QUANTS": "fa_all_quants",
+    "CMAKE_CUDA_ARCHITECTURES": "cuda_architectures",
+    "GGML_RPC": "rpc",
+}
+
+
+def flags_hash(flags: Mapping[str, str]) -> str:
+    return hashlib.sha256(json.dumps(dict(flags), sort_keys=True).encode()).hexdigest()[:10]
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """models.<name>: one GGUF model from Hugging Face."""
+
+    repo: str = setting(doc="Hugging Face repository, owner/name", type="str",
+                        check=is_str(r"[A-Za-z0-9][\w.-]*/[\w.-]+", "owner/name"))
+    revision: str = setting(doc="the pin: commit SHA, tag or branch; the lock file records "
+                                "the commit it resolved to", type="str",
+                            check=is_str(r"[\w./-]+", "a commit SHA, tag or branch"))
+    quant: str | None = setting(None, doc="quant name, e.g. UD-Q6_K_XL: every .gguf whose "
+                                          "folder or file name carries it",
+                                type="str", check=optional(is_str(r"[\w.-]+", "a quant name")))
+    include: str | None = setting(None, doc="glob over repository paths, e.g. 'IQ4_KSS/*.gguf'",
+                                  type="str", check=optional(is_str(accepts="a glob")))
+    files: list[str] | None = setting(None, doc="explicit repository paths", type="list[str]",
+                                      check=optional(list_of(is_str(accepts="a path"), 1,
+                                                             "paths")))
+    dir: str | None = setting(None, doc="where the files live on the rig; empty = "
+                                        "<models_dir>/<model name>", type="path",
+                              check=optional(is_abs_path))
+
+    def selector(self) -> tuple[str, Any]:
+        for kind in ("quant", "include", "files"):
+            if getattr(self, kind) is not None:
+                return kind, getattr(self, kind)
+        raise AssertionError("validated models always have a selector")
+
+
+def _number_list(value):
+    if isinstance(value, str):
+        try:
+            value = [float(v) if "." in v else int(v) for v in value.replace("/", ",").split(",")]
+        except ValueError:
+            raise Invalid(f"{value!r} is not a list of numbers", "e.g. [0.9, 1, 1]") from None
+    return list_of(is_number(lo=0), 1, "numbers")(value)
+
+
+def _devices(value):
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value]
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",")]
+    out = list_of(either(is_int(0, 63), is_str(r"GPU-[0-9a-f-]+|[0-9]+", "index or GPU uuid"),
+                         accepts="a GPU index or uuid"), 1, "GPUs")(value)
+    return [str(v) for v in out]
+
+
+@dataclasses.dataclass(frozen=True)
+class Profile:
+    """profiles.<name>: one llama-server, run as a systemd service."""
+
+    model: str = setting(doc="name of the model it serves (a key of `models`)", type="str",
+                         check=is_str(NAME, "a model name"))
+    engine: str = setting(doc="name of the engine it runs on (a key of `engines`)", type="str",
+                          check=is_str(NAME, "an engine name"))
+    port: int = setting(doc="TCP port llama-server listens on (--port)", type="int",
+                        check=is_int(1, 65535))
+    enabled: bool = setting(True, doc="run it; a disabled profile's service is stopped and "
+                                      "disabled", type="bool", check=is_bool)
+    alias: str | None = setting(None, doc="model id served by the API (--alias) and the "
+                                          "opencode model key; empty = the profile name",
+                                type="str", check=optional(is_str(r"[\w.:/-]+", "a model id")))
+    listen: str = setting("0.0.0.0", doc="address llama-server binds (--host)", type="str",
+                          check=is_str(r"[0-9a-fA-F.:]+|localhost", "an IP address"))
+    ctx_size: int | None = setting(None, doc="context size in tokens (-c); also opencode's "
+                                             "limit.context", type="int", flag="-c",
+                                   check=optional(is_int(0)))
+    n_gpu_layers: int | str | None = setting(None, doc="layers on the GPU (-ngl)",
+                                             type="int | 'auto' | 'all'", flag="-ngl",
+                                             check=optional(either(
+                                                 is_int(0), one_of("auto", "all"),
+                                                 accepts="a whole number, 'auto' or 'all'")))
+    cache_type_k: str | None = setting(None, doc="KV cache type for K (-ctk)", type="str",
+                                       flag="-ctk", check=optional(one_of(*KV_TYPES)))
+    cache_type_v: str | None = setting(None, doc="KV cache type for V (-ctv)", type="str",
+                                       flag="-ctv", check=optional(one_of(*KV_TYPES)))
+    split_mode: str | None = setting(None, doc="how to split across GPUs (--split-mode)",
+                                     type="str", flag="--split-mode",
+                                     check=optional(one_of("none", "layer", "row", "attn",
+                                                           "graph")))
+    tensor_split: list[float] | None = setting(None, doc="share of the model per GPU (-ts), "
+                                                         "one value per GPU",
+                                               type="list[float]", flag="-ts",
+                                               check=optional(_number_list))
+    parallel: int | None = setting(None, doc="server slots (--parallel)", type="int",
+                                   flag="--parallel", check=optional(is_int(1)))
+    flash_attn: str | None = setting(None, doc="flash attention (-fa)", type="'on'|'off'|'auto'",
+                                     flag="-fa", check=optional(one_of("on", "off", "auto")))
+    cpu_moe: bool = setting(False, doc="keep all MoE expert weights on the CPU (--cpu-moe)",
+                            type="bool", flag="--cpu-moe", check=is_bool)
+    n_cpu_moe: int | None = setting(None, doc="MoE experts of the first N layers on the CPU "
+                                              "(--n-cpu-moe)", type="int", flag="--n-cpu-moe",
+                                    check=optional(is_int(1)))
+    override_tensor: list[str] = setting([], doc="tensor placement rules (-ot), e.g. "
+                                                 "'blk\\.(2[0-9])\\.ffn_.*_exps=CPU'",
+                                         type="list[str]", flag="-ot",
+                                         check=list_of(is_str(r"[^=\s]+=[\w,]+",
+                                                              "regex=BUFFER_TYPE"), 0, "rules"))
+    threads: int | None = setting(None, doc="generation threads (--threads)", type="int",
+                                  flag="--threads", check=optional(is_int(1)))
+    threads_batch: int | None = setting(None, doc="prompt threads (--threads-batch)",
+                                        type="int", flag="--threads-batch",
+                                        check=optional(is_int(1)))
+    batch_size: int | None = setting(None, doc="logical batch (-b)", type="int", flag="-b",
+                                     check=optional(is_int(1)))
+    ubatch_size: int | None = setting(None, doc="physical batch (-ub)", type="int", flag="-ub",
+                                      check=optional(is_int(1)))
+    no_mmap: bool = setting(False, doc="load the whole model into RAM (--no-mmap)",
+                            type="bool", flag="--no-mmap", check=is_bool)
+    mlock: bool = setting(False, doc="lock the model in RAM (--mlock; sets LimitMEMLOCK)",
+                          type="bool", flag="--mlock", check=is_bool)
+    jinja: bool | None = setting(None, doc="chat templates via Jinja (--jinja / --no-jinja)",
+                                 type="bool", flag="--jinja", check=optional(is_bool))
+    no_warmup: bool = setting(False, doc="skip llama-server's own warm-up run (--no-warmup)",
+                              type="bool", flag="--no-warmup", check=is_bool)
+    temp: float | None = setting(None, doc="sampling temperature (--temp)", type="float",
+                                 flag="--temp", check=optional(is_number(lo=0)))
+    top_p: float | None = setting(None, doc="nucleus sampling (--top-p)", type="float",
+                                  flag="--top-p", check=optional(is_number(0, 1)))
+    top_k: int | None = setting(None, doc="top-k sampling (--top-k)", type="int",
+                                flag="--top-k", check=optional(is_int(0)))
+    min_p: float | None = setting(None, doc="min-p sampling (--min-p)", type="float",
+                                  flag="--min-p", check=optional(is_number(0, 1)))
+    repeat_penalty: float | None = setting(None, doc="repetition penalty (--repeat-penalty)",
+                                           type="float", flag="--repeat-penalty",
+                                           check=optional(is_number(lo=0)))
+    extra_args: list[str] = setting([], doc="further llama-server arguments, one per item, "
+                                            "e.g. ['--metrics']", type="list[str]", check=_args)
+    cuda_visible_devices: list[str] | None = setting(
+        None, doc="GPUs this server may use (CUDA_VISIBLE_DEVICES), by index or uuid",
+        type="list[int | str]", check=optional(_devices))
+    environment: dict[str, str] = setting(
+        {}, doc="extra environment for the service, e.g. {'GGML_CUDA_P2P': '1'}",
+        type="dict[str, str]", check=mapping_of(_cmake_value, r"[A-Z_][A-Z0-9_]*",
+                                                "an environment variable name"))
+    api_key_env: str | None = setting(None, doc="name of an environment variable on the "
+                                                "machine running pyinfra that holds the API "
+                                                "key (--api-key); never written in clear to "
+                                                "the unit", type="str", secret=True,
+                                      check=optional(is_str(r"[A-Za-z_][A-Za-z0-9_]*",
+                                                            "an environment variable name")))
+    health_timeout_s: int = setting(900, doc="seconds to wait for /health to answer 200 after a "
+                                             "(re)start (big models load for minutes)",
+                                    type="int", check=is_int(1, 86400))
+    warmup_requests: int = setting(1, doc="chat requests sent after a (re)start to prove it "
+                                          "answers", type="int", check=is_int(0, 100))
+
+
+@dataclasses.dataclass(frozen=True)
+class RigData:
+    """Host-level settings (inventory host data, group data or `all`)."""
+
+    garage_root: str = setting("/opt/llm-garage", doc="where sources, builds, logs and state "
+                                                      "live on the rig", type="path",
+                               check=is_abs_path)
+    models_dir: str = setting("/srv/models", doc="parent folder of model folders", type="path",
+                              check=is_abs_path)
+    service_user: str = setting("llama", doc="system user that runs llama-server",
+                                type="str", check=is_str(r"[a-z_][a-z0-9_-]{0,31}",
+                                                         "a Unix user name"))
+    service_groups: list[str] = setting(["video", "render"], doc="extra groups of the service "
+                                                                 "user (GPU device access)",
+                                        type="list[str]",
+                                        check=list_of(is_str(r"[a-z_][a-z0-9_-]{0,31}",
+                                                             "a group name"), 0, "groups"))
+    engines: dict[str, Any] = setting({}, doc="engines to build, by name (see Engine)",
+                                      type="dict[str, Engine]")
+    models: dict[str, Any] = setting({}, doc="models to download, by name (see Model)",
+                                     type="dict[str, Model]")
+    profiles: dict[str, Any] = setting({}, doc="llama-server services, by name (see Profile)",
+                                       type="dict[str, Profile]")
+    models_prune: bool = setting(False, doc="delete model folders under models_dir that no "
+                                            "model names any more", type="bool", check=is_bool)
+    models_verify: bool = setting(False, doc="re-hash every model file this run instead of "
+                                             "trusting its stamp", type="bool", check=is_bool)
+    gpu_count: int = setting(0, doc="NVIDIA GPUs the rig must have (0 = none; power settings "
+                                    "are skipped)", type="int", check=is_int(0, 64))
+    gpu_power_limit_w: float | list[float] | None = setting(
+        None, doc="power limit in watts: one value for every GPU, or one per GPU index; empty "
+                  "= leave the limits alone", type="float | list[float]",
+        check=optional(either(is_number(positive=True),
+                              list_of(is_number(positive=True), 1, "watts"),
+                              accepts="a positive number of watts, or a list of them")))
+    gpu_persistence_mode: bool = setting(True, doc="turn on persistence mode", type="bool",
+                                         check=is_bool)
+    opencode_client: bool = setting(False, doc="write opencode.json here listing every served "
+                                               "model of the inventory", type="bool",
+                                    check=is_bool)
+    opencode_config_path: str = setting("/root/.config/opencode/opencode.json",
+                                        doc="opencode.json to merge into", type="path",
+                                        check=is_abs_path)
+    opencode_owner: str = setting("root", doc="user owning opencode.json", type="str",
+                                  check=is_str(r"[a-z_][a-z0-9_-]{0,31}", "a Unix user name"))
+    opencode_provider: str = setting("llm-garage", doc="provider key in opencode.json; only "
+                                                       "this provider is rewritten", type="str",
+                                     check=is_str(r"[\w.-]+", "a provider id"))
+    opencode_provider_name: str = setting("llm-garage", doc="provider display name", type="str",
+                                          check=is_str(accepts="text"))
+    opencode_output_limit: int = setting(32768, doc="default limit.output for every model "
+                                                    "(tokens)", type="int", check=is_int(1))
+    opencode_output_limits: dict[str, int] = setting(
+        {}, doc="limit.output per model alias, overriding opencode_output_limit",
+        type="dict[str, int]", check=mapping_of(is_int(1), r"[\w.:/-]+", "a model alias"))
+    rig_address: str | None = setting(None, doc="address opencode clients use to reach this "
+                                                "rig; empty = the inventory host name",
+                                      type="str", check=optional(is_str(r"[\w.:-]+",
+                                                                        "a host name or IP")))
+
+
+@dataclasses.dataclass(frozen=True)
+class Rig:
+    """One host's validated settings, with everything derived from them."""
+
+    name: str
+    address: str  # how other hosts reach this rig: rig_address, else ssh_hostname, else name
+    data: RigData
+    engines: dict[str, Engine]
+    models: dict[str, Model]
+    profiles: dict[str, Profile]
+
+    # --- paths on the rig ---
+    @property
+    def state_dir(self) -> str:
+        return f"{self.data.garage_root}/state"
+
+    def engine_source_dir(self, engine: str) -> str:
+        return f"{self.data.garage_root}/src/{engine}"
+
+    def engine_builds_dir(self, engine: str) -> str:
+        return f"{self.data.garage_root}/builds/{engine}"
+
+    def engine_current(self, engine: str) -> str:
+        return f"{self.engine_builds_dir(engine)}/current"
+
+    def server_binary(self, engine: str) -> str:
+        return f"{self.engine_current(engine)}/bin/llama-server"
+
+    @property
+    def ccache_dir(self) -> str:
+        return f"{self.data.garage_root}/ccache"
+
+    def model_dir(self, model: str) -> str:
+        return self.models[model].dir or f"{self.data.models_dir}/{model}"
+
+    @property
+    def enabled_profiles(self) -> dict[str, Profile]:
+        return {n: p for n, p in self.profiles.items() if p.enabled}
+
+    def alias(self, profile: str) -> str:
+        return self.profiles[profile].alias or profile
+
+    def service_name(self, profile: str) -> str:
+        return f"llama-server-{profile}.service"
+
+    def power_limits(self) -> list[float] | None:
+        """Power limit per GPU index, or None to leave limits alone."""
+        limit = self.data.gpu_power_limit_w
+        if limit is None or self.data.gpu_count == 0:
+            return None
+        if isinstance(limit, list):
+            return list(limit)
+        return [limit] * self.data.gpu_count
+
+    def server_args(self, profile: str, model_path: str) -> list[str]:
+        """llama-server's argv after the binary, from the structured profile."""
+        p = self.profiles[profile]
+        args = ["-m", model_path, "--host", p.listen, "--port", str(p.port),
+                "--alias", self.alias(profile)]
+        for f in dataclasses.fields(Profile):
+            flag = f.metadata.get("flag")
+            value = getattr(p, f.name)
+            if not flag or value is None or value is False or value == []:
+                continue
+            if f.name == "jinja":
+                args.append("--jinja" if value else "--no-jinja")
+            elif value is True:
+                args.append(flag)
+            elif f.name == "tensor_split":
+                args += [flag, ",".join(_num(v) for v in value)]
+            elif isinstance(value, list):
+                for item in value:
+                    args += [flag, str(item)]
+            else:
+                args += [flag, _num(value)]
+        return args + list(p.extra_args)
+
+    def server_command(self, profile: str, model_path: str) -> str:
+        p = self.profiles[profile]
+        return shlex.join([self.server_binary(p.engine), *self.server_args(profile, model_path)])
+
+
+def _num(value) -> str:
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+# --- loading and cross-checks ---------------------------------------------------------------
+
+HOST_KEYS = {f.name for f in dataclasses.fields(RigData)}
+# Host data keys that belong to pyinfra (connectors and global arguments), not to us.
+PYINFRA_KEY_PREFIXES = ("ssh_", "_", "vagrant_", "docker_", "podman_", "chroot_", "local_",
+                        "terraform_", "winrm_", "dockerssh_", "podmanssh_")
+
+
+def raw_host_data(host) -> dict[str, Any]:
+    """All data keys a pyinfra host sees (host, groups, all), first definition wins."""
+    merged: dict[str, Any] = {}
+    for data in host.data.datas:
+        data = data() if callable(data) else data
+        for key, value in dict(data).items():
+            merged.setdefault(key, value)
+    return merged
+
+
+def load_rig(name: str, raw: Mapping[str, Any]) -> tuple[Rig | None, list[SettingError]]:
+    errors: list[SettingError] = []
+    ours = {}
+    for key, value in raw.items():
+        if key in HOST_KEYS:
+            ours[key] = value
+        elif not str(key).startswith(PYINFRA_KEY_PREFIXES):
+            errors.append(unknown_key(name, "", key, HOST_KEYS))
+    data = build(RigData, ours, host=name, path="", errors=errors)
+    if data is None:
+        return None, errors
+
+    def section(key, cls):
+        raw_section = getattr(data, key)
+        if not isinstance(raw_section, Mapping):
+            errors.append(SettingError(name, key, "expected a mapping of name: settings"))
+            return {}
+        out = {}
+        for item_name, item in raw_section.items():
+            if not isinstance(item_name, str) or not re.fullmatch(NAME, item_name):
+                errors.append(SettingError(name, f"{key}.{item_name}", "is not a valid name",
+                                           "letters, digits, '.', '_' and '-'"))
+                continue
+            built = build(cls, item, host=name, path=f"{key}.{item_name}", errors=errors)
+            if built is not None:
+                out[item_name] = built
+        return out
+
+    engines = section("engines", Engine)
+    models = section("models", Model)
+    profiles = section("profiles", Profile)
+    address = data.rig_address or raw.get("ssh_hostname") or name
+    rig = Rig(name=name, address=str(address), data=data, engines=engines, models=models,
+              profiles=profiles)
+    _cross_check(rig, errors)
+    return rig, errors
+
+
+def _cross_check(rig: Rig, errors: list[SettingError]) -> None:
+    def err(path, problem, accepts=""):
+        errors.append(SettingError(rig.name, path, problem, accepts))
+
+    d = rig.data
+    for name, e in rig.engines.items():
+        where = f"engines.{name}"
+        short_sha = re.fullmatch(r"[0-9a-f]{7,39}", e.ref)
+        if short_sha and not e.follow:
+            err(f"{where}.ref", f"{e.ref!r} looks like a short commit SHA",
+                "the full 40-character SHA")
+        elif e.kind == IK_LLAMA_CPP and not e.follow and not e.pinned_commit:
+            err(f"{where}.ref", f"{e.ref!r} is not a commit: ik_llama.cpp has no release tags, "
+                                "so pin it by full commit SHA",
+                "a 40-character commit SHA, or follow: true with a branch name")
+        if e.follow and e.pinned_commit:
+            err(f"{where}.follow", "follow: true needs a branch name in ref, not a commit",
+                "a branch such as master or main")
+        for key in e.cmake_extra:
+            if key in OWNED_CMAKE_FLAGS:
+                err(f"{where}.cmake_extra.{key}", "is set by its own setting",
+                    f"engines.{name}.{OWNED_CMAKE_FLAGS[key]}")
+        if e.cuda and e.cuda_architectures == "auto" and d.gpu_count == 0:
+            err(f"{where}.cuda_architectures", "'auto' needs the rig's GPUs but gpu_count is 0",
+                "set gpu_count, list architectures such as [86], or cuda: false")
+
+    for name, m in rig.models.items():
+        chosen = [k for k in ("quant", "include", "files") if getattr(m, k) is not None]
+        if len(chosen) != 1:
+            err(f"models.{name}", "name the files with exactly one of quant, include or files"
+                + (f" (got {', '.join(chosen)})" if chosen else ""),
+                "quant: UD-Q6_K_XL | include: 'dir/*.gguf' | files: [path, ...]")
+
+    limit = d.gpu_power_limit_w
+    if isinstance(limit, list) and len(limit) != d.gpu_count:
+        err("gpu_power_limit_w", f"{len(limit)} values for gpu_count {d.gpu_count}",
+            "one value for all GPUs, or exactly one per GPU")
+    if limit is not None and d.gpu_count == 0:
+        err("gpu_power_limit_w", "is set but gpu_count is 0", "set gpu_count to the rig's GPUs")
+
+    ports: dict[int, str] = {}
+    for name, p in rig.profiles.items():
+        where = f"profiles.{name}"
+        engine = rig.engines.get(p.engine)
+        if engine is None:
+            err(f"{where}.engine", f"unknown engine {p.engine!r}",
+                ", ".join(sorted(rig.engines)) or "define one under engines")
+        if p.model not in rig.models:
+            err(f"{where}.model", f"unknown model {p.model!r}",
+                ", ".join(sorted(rig.models)) or "define one under models")
+        gpus = len(p.cuda_visible_devices) if p.cuda_visible_devices else d.gpu_count
+        if p.tensor_split is not None and len(p.tensor_split) != gpus:
+            what = "cuda_visible_devices" if p.cuda_visible_devices else "gpu_count"
+            err(f"{where}.tensor_split", f"{len(p.tensor_split)} values but {what} gives "
+                                         f"{gpus} GPUs", "exactly one value per GPU")
+        if p.cpu_moe and p.n_cpu_moe is not None:
+            err(f"{where}.n_cpu_moe", "cannot be combined with cpu_moe",
+                "cpu_moe: true (all layers) or n_cpu_moe: N")
+        if engine and p.split_mode and p.split_mode not in SPLIT_MODES[engine.kind]:
+            err(f"{where}.split_mode", f"{p.split_mode!r} is not a split mode of {engine.kind}",
+                ", ".join(SPLIT_MODES[engine.kind]))
+        if p.api_key_env and not os.environ.get(p.api_key_env):
+            err(f"{where}.api_key_env", f"environment variable {p.api_key_env} is not set "
+                                        "where pyinfra runs",
+                f"export {p.api_key_env}=<key> before the run")
+        if p.enabled:
+            if p.port in ports:
+                err(f"{where}.port", f"port {p.port} is already used by enabled profile "
+                                     f"{ports[p.port]!r}", "a free port, or enabled: false")
+            ports[p.port] = name
+
+
+def check_fleet(rigs: Mapping[str, Rig]) -> list[SettingError]:
+    """Checks across hosts: opencode model keys (aliases) must be unique in the fleet."""
+    errors = []
+    seen: dict[str, str] = {}
+    for rig in rigs.values():
+        for profile in sorted(rig.enabled_profiles):
+            alias = rig.alias(profile)
+            if alias in seen and seen[alias] != rig.name:
+                errors.append(SettingError(
+                    rig.name, f"profiles.{profile}.alias",
+                    f"alias {alias!r} is also served by host {seen[alias]!r}; opencode needs "
+                    "one id per model", "a distinct alias"))
+            seen.setdefault(alias, rig.name)
+    return errors
