@@ -107,9 +107,10 @@ def build(cls, raw: Any, *, host: str, path: str, errors: list[SettingError]):
 
 def unknown_key(host: str, path: str, key: Any, known) -> SettingError:
     where = f"{path}.{key}" if path else str(key)
-    close = difflib.get_close_matches(str(key), list(known), n=1)
-    hint = f"did you mean {close[0]!r}?" if close else "not a setting of this section"
-    return SettingError(host, where, f"unknown setting ({hint})", ", ".join(sorted(known)))
+    close = difflib.get_close_matches(str(key), list(known), n=1, cutoff=0.5)
+    if close:
+        return SettingError(host, where, f"unknown setting (did you mean {close[0]!r}?)")
+    return SettingError(host, where, "unknown setting", ", ".join(sorted(known)))
 
 
 def _show(value: Any) -> str:

@@ -484,6 +484,8 @@ def load_rig(name: str, raw: Mapping[str, Any]) -> tuple[Rig | None, list[Settin
     if data is None:
         return None, errors
 
+    defined: set[str] = set()  # names defined, even if invalid: no follow-on "unknown" errors
+
     def section(key, cls):
         raw_section = getattr(data, key)
         if not isinstance(raw_section, Mapping):
@@ -491,6 +493,7 @@ def load_rig(name: str, raw: Mapping[str, Any]) -> tuple[Rig | None, list[Settin
             return {}
         out = {}
         for item_name, item in raw_section.items():
+            defined.add(f"{key}.{item_name}")
             if not isinstance(item_name, str) or not re.fullmatch(NAME, item_name):
                 errors.append(SettingError(name, f"{key}.{item_name}", "is not a valid name",
                                            "letters, digits, '.', '_' and '-'"))
@@ -506,11 +509,11 @@ def load_rig(name: str, raw: Mapping[str, Any]) -> tuple[Rig | None, list[Settin
     address = data.rig_address or raw.get("ssh_hostname") or name
     rig = Rig(name=name, address=str(address), data=data, engines=engines, models=models,
               profiles=profiles)
-    _cross_check(rig, errors)
+    _cross_check(rig, errors, defined)
     return rig, errors
 
 
-def _cross_check(rig: Rig, errors: list[SettingError]) -> None:
+def _cross_check(rig: Rig, errors: list[SettingError], defined: set[str]) -> None:
     def err(path, problem, accepts=""):
         errors.append(SettingError(rig.name, path, problem, accepts))
 
@@ -554,10 +557,10 @@ def _cross_check(rig: Rig, errors: list[SettingError]) -> None:
     for name, p in rig.profiles.items():
         where = f"profiles.{name}"
         engine = rig.engines.get(p.engine)
-        if engine is None:
+        if engine is None and f"engines.{p.engine}" not in defined:
             err(f"{where}.engine", f"unknown engine {p.engine!r}",
                 ", ".join(sorted(rig.engines)) or "define one under engines")
-        if p.model not in rig.models:
+        if p.model not in rig.models and f"models.{p.model}" not in defined:
             err(f"{where}.model", f"unknown model {p.model!r}",
                 ", ".join(sorted(rig.models)) or "define one under models")
         gpus = len(p.cuda_visible_devices) if p.cuda_visible_devices else d.gpu_count
