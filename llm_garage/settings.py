@@ -39,6 +39,7 @@ UPSTREAM_REMOTES = {
     LLAMA_CPP: "https://github.com/ggml-org/llama.cpp.git",
     IK_LLAMA_CPP: "https://github.com/ikawrakow/ik_llama.cpp.git",
 }
+DEFAULT_HF_ENDPOINT = "https://huggingface.co"
 SHA_RE = re.compile(r"[0-9a-f]{40}")
 NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
 CMAKE_NAME = r"[A-Z][A-Z0-9_]*"
@@ -328,6 +329,10 @@ class RigData:
                                      type="dict[str, Model]")
     profiles: dict[str, Any] = setting({}, doc="llama-server services, by name (see Profile)",
                                        type="dict[str, Profile]")
+    hf_endpoint: str | None = setting(None, doc="Hugging Face endpoint for model resolution and "
+                                                "downloads; empty = $HF_ENDPOINT, else "
+                                                "https://huggingface.co", type="str",
+                                      check=optional(is_str(r"https?://[^\s]+", "an http(s) URL")))
     models_prune: bool = setting(False, doc="delete model folders under models_dir that no "
                                             "model names any more", type="bool", check=is_bool)
     models_verify: bool = setting(False, doc="re-hash every model file this run instead of "
@@ -397,6 +402,11 @@ class Rig:
     @property
     def ccache_dir(self) -> str:
         return f"{self.data.garage_root}/ccache"
+
+    @property
+    def hf_endpoint(self) -> str:
+        endpoint = self.data.hf_endpoint or os.environ.get("HF_ENDPOINT") or DEFAULT_HF_ENDPOINT
+        return endpoint.rstrip("/")
 
     def model_dir(self, model: str) -> str:
         return self.models[model].dir or f"{self.data.models_dir}/{model}"
