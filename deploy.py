@@ -6,8 +6,9 @@ each task then reads only its host's validated `Rig`."""
 from pyinfra import host
 
 from llm_garage.fleet import rig_for
-from tasks import base
+from tasks import base, engines
 
 rig = rig_for(host)
 
 base.prepare(rig)
+built = engines.converge(rig)

@@ -1,0 +1,232 @@
+"""Facts about engine builds: remote refs, recorded pins, the CUDA toolkit, the GPUs' compute
+capabilities and the builds on disk; plus the pure derivations the engine task makes from them.
+
+Every fact command exits 0 and reports failures in its output (a trailing `exit=N` line), so a
+missing tool or an unreachable remote becomes a clear error of ours instead of a failed fact."""
+
+from __future__ import annotations
+
+import re
+
+from pyinfra.api import FactBase, QuoteString, StringCommand
+from pyinfra.api.exceptions import DeployError
+
+SHA_RE = re.compile(r"[0-9a-f]{40}")
+BUILD_KEY_RE = re.compile(r"[0-9a-f]{12}-[0-9a-f]{10}")
+EXIT_RE = re.compile(r"exit=(\d+)")
+
+# Oldest CUDA toolkit that compiles for an architecture (its number without a/f/-real suffix).
+# Architectures not listed compile with any toolkit that has a Blackwell-free default.
+MIN_CUDA = {
+    "87": (11, 4), "89": (11, 8), "90": (12, 0),
+    "100": (12, 8), "101": (12, 8), "120": (12, 8),
+    "103": (12, 9), "121": (12, 9),
+}
+
+
+class EngineError(DeployError):
+    """An engine pin or toolchain problem found before any operation runs."""
+
+
+def _split_exit(output: list[str]) -> tuple[list[str], int]:
+    """Output lines without the trailing `exit=N` marker, and N (0 when absent)."""
+    lines = [line.rstrip("\n") for line in output]
+    if lines and (m := EXIT_RE.fullmatch(lines[-1].strip())):
+        return lines[:-1], int(m.group(1))
+    return lines, 0
+
+
+# --- git ls-remote ---------------------------------------------------------------------------
+
+def parse_ls_remote(lines: list[str]) -> dict[str, str]:
+    """`<sha>\\t<refname>` lines -> {refname: sha}; anything else is ignored."""
+    refs = {}
+    for line in lines:
+        parts = line.strip().split("\t")
+        if len(parts) == 2 and SHA_RE.fullmatch(parts[0]):
+            refs[parts[1]] = parts[0]
+    return refs
+
+
+class GitRemoteRefs(FactBase):
+    """The refs named `ref` on a git remote, as the rig sees them.
+
+    Returns `{"refs": {refname: sha}, "error": None}`, with the peeled `refs/tags/<ref>^{}`
+    entry for annotated tags, or `{"refs": {}, "error": "<git's message>"}` when the remote
+    cannot be read; `None` when git is not installed.
+    """
+
+    def requires_command(self, *args, **kwargs) -> str:
+        return "git"
+
+    def command(self, remote: str, ref: str):
+        return StringCommand(
+            "GIT_TERMINAL_PROMPT=0", "git", "ls-remote", QuoteString(remote),
+            QuoteString(f"refs/tags/{ref}"), QuoteString(f"refs/tags/{ref}^{{}}"),
+            QuoteString(f"refs/heads/{ref}"), "2>&1;", "echo", "exit=$?",
+        )
+
+    def process(self, output):
+        lines, status = _split_exit(output)
+        if status:
+            text = " ".join(line.strip() for line in lines if line.strip())
+            return {"refs": {}, "error": text or f"git ls-remote exited {status}"}
+        return {"refs": parse_ls_remote(lines), "error": None}
+
+
+def resolve_ref(refs: dict[str, str], ref: str) -> tuple[str, str | None]:
+    """("tag" | "branch" | "missing", commit) for `ref` in ls-remote output; tags win."""
+    peeled = refs.get(f"refs/tags/{ref}^{{}}")
+    tag = peeled or refs.get(f"refs/tags/{ref}")
+    if tag:
+        return "tag", tag
+    if f"refs/heads/{ref}" in refs:
+        return "branch", refs[f"refs/heads/{ref}"]
+    return "missing", None
+
+
+# --- recorded pins ---------------------------------------------------------------------------
+
+def parse_pin_records(lines: list[str]) -> dict[tuple[str, str], str]:
+    """`<tag>\\t<sha>\\t<remote>` lines -> {(remote, tag): sha}; the first record of a tag wins."""
+    out: dict[tuple[str, str], str] = {}
+    for line in lines:
+        parts = line.rstrip("\n").split("\t")
+        if len(parts) == 3 and SHA_RE.fullmatch(parts[1]):
+            out.setdefault((parts[2], parts[0]), parts[1])
+    return out
+
+
+def pin_record_line(remote: str, tag: str, commit: str) -> str:
+    return f"{tag}\t{commit}\t{remote}"
+
+
+class PinRecords(FactBase):
+    """Tags this rig has resolved before: {(remote, tag): commit}; empty when none."""
+
+    default = dict
+
+    def command(self, path: str):
+        return StringCommand("!", "test", "-f", QuoteString(path), "||", "cat", QuoteString(path))
+
+    def process(self, output):
+        return parse_pin_records(output)
+
+
+# --- CUDA toolkit ----------------------------------------------------------------------------
+
+def parse_nvcc_version(lines: list[str]) -> tuple[int, int] | None:
+    """`Cuda compilation tools, release 12.4, V12.4.131` -> (12, 4)."""
+    for line in lines:
+        m = re.search(r"release (\d+)\.(\d+)", line)
+        if m:
+            return int(m.group(1)), int(m.group(2))
+    return None
+
+
+class CudaToolkit(FactBase):
+    """The CUDA compiler: `{"nvcc": path, "version": (major, minor) | None}` for the first of
+    `nvcc` in PATH and /usr/local/cuda/bin/nvcc; `None` when there is none."""
+
+    command = (
+        "for n in \"$(command -v nvcc 2>/dev/null)\" /usr/local/cuda/bin/nvcc; do "
+        "if [ -n \"$n\" ] && [ -x \"$n\" ]; then echo \"nvcc=$n\"; \"$n\" --version 2>&1; "
+        "break; fi; done; true"
+    )
+
+    def process(self, output):
+        lines = [line.strip() for line in output]
+        if not lines or not lines[0].startswith("nvcc="):
+            return None
+        return {"nvcc": lines[0][len("nvcc="):], "version": parse_nvcc_version(lines[1:])}
+
+
+def cuda_too_old(architectures: list[str], version: tuple[int, int]) -> list[tuple[str, str]]:
+    """(architecture, minimum CUDA) for every architecture this toolkit cannot compile."""
+    out = []
+    for arch in architectures:
+        base = re.match(r"\d+", arch)
+        need = MIN_CUDA.get(base.group(0)) if base else None
+        if need and version < need:
+            out.append((arch, f"{need[0]}.{need[1]}"))
+    return out
+
+
+# --- GPUs ------------------------------------------------------------------------------------
+
+class GpuComputeCaps(FactBase):
+    """Compute capability of each GPU, as nvidia-smi prints it ("8.6", or "[N/A]"):
+    `{"caps": [...], "error": None}`, `{"caps": [], "error": "<message>"}` when nvidia-smi
+    fails, `None` when nvidia-smi is not installed."""
+
+    def requires_command(self, *args, **kwargs) -> str:
+        return "nvidia-smi"
+
+    command = "nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>&1; echo exit=$?"
+
+    def process(self, output):
+        lines, status = _split_exit(output)
+        lines = [line.strip() for line in lines if line.strip()]
+        if status:
+            return {"caps": [], "error": " ".join(lines) or f"nvidia-smi exited {status}"}
+        return {"caps": lines, "error": None}
+
+
+def architectures_from_caps(caps: list[str]) -> list[str]:
+    """["8.6", "8.6", "12.0"] -> ["86", "120"]: unique, in numeric order.
+
+    Raises ValueError naming the first cell that is not a compute capability."""
+    found = set()
+    for cap in caps:
+        m = re.fullmatch(r"(\d+)\.(\d+)", cap.strip())
+        if not m:
+            raise ValueError(f"nvidia-smi reported compute capability {cap.strip()!r}")
+        found.add(int(m.group(1)) * 10 + int(m.group(2)))
+    return [str(a) for a in sorted(found)]
+
+
+# --- builds on disk --------------------------------------------------------------------------
+
+def build_key(commit: str, flags_hash: str) -> str:
+    """Folder name of one build: `<commit12>-<flagshash>`."""
+    return f"{commit[:12]}-{flags_hash}"
+
+
+def stamp_line(commit: str, flags_hash: str) -> str:
+    """First line of a build's stamp: what was built. Written last, after the build verified."""
+    return f"{commit} {flags_hash}"
+
+
+class EngineBuilds(FactBase):
+    """The builds of one engine: `{"current": key | None, "builds": {key: {"stamp": first
+    stamp line | None, "mtime": seconds | None}}}` for every `<commit12>-<flagshash>` folder.
+    A build without a stamp never completed."""
+
+    @staticmethod
+    def default():
+        return {"current": None, "builds": {}}
+
+    def command(self, builds_dir: str):
+        return StringCommand(
+            "cd", QuoteString(builds_dir), "2>/dev/null", "||", "exit", "0;",
+            "printf", "'current\\t%s\\n'", '"$(readlink current 2>/dev/null)";',
+            "for", "d", "in", "*/;", "do", 'd="${d%/}";',
+            '[ -d "$d" ] && [ ! -L "$d" ] || continue;',
+            'if [ -f "$d/stamp" ]; then',
+            "printf", "'build\\t%s\\t%s\\t%s\\n'", '"$d"', '"$(stat -c %Y "$d/stamp")"',
+            '"$(head -n1 "$d/stamp")";',
+            "else", "printf", "'build\\t%s\\t-\\t\\n'", '"$d";', "fi;", "done",
+        )
+
+    def process(self, output):
+        result = self.default()
+        for line in output:
+            parts = line.rstrip("\n").split("\t")
+            if parts[0] == "current" and len(parts) == 2:
+                target = parts[1].rstrip("/").rsplit("/", 1)[-1]
+                result["current"] = target or None
+            elif parts[0] == "build" and len(parts) == 4 and BUILD_KEY_RE.fullmatch(parts[1]):
+                mtime = int(parts[2]) if parts[2].isdigit() else None
+                stamp = (parts[3] or None) if mtime is not None else None
+                result["builds"][parts[1]] = {"stamp": stamp, "mtime": mtime}
+        return result

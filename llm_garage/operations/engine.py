@@ -1,0 +1,261 @@
+"""Operations on engine builds: build one commit into its own folder, switch the `current`
+link, prune old builds, record the commit a tag resolved to.
+
+Facts decide: the build runs only when its folder has no stamp for this commit and these
+flags (the stamp is written last, so a failed build is retried on the next run); the switch
+only when `current` points elsewhere; pruning only when more builds are kept than asked."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from pyinfra import host, logger
+from pyinfra.api import FunctionCommand, QuoteString, StringCommand, operation
+from pyinfra.api.exceptions import OperationError
+
+from llm_garage.facts.engine import (
+    EngineBuilds,
+    PinRecords,
+    build_key,
+    pin_record_line,
+    stamp_line,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildPlan:
+    """Everything one engine build needs, resolved before any operation runs."""
+
+    engine: str  # the engine's name in the settings
+    kind: str  # llama.cpp | ik_llama.cpp
+    ref: str  # the pin as written: tag, commit or branch
+    commit: str  # what the pin resolved to
+    remote: str
+    fetch: tuple[str, ...]  # refspecs that bring `commit`, tried in order (then the SHA)
+    source_dir: str
+    builds_dir: str
+    flags: tuple[tuple[str, str], ...]  # the effective -D flags, in order
+    flags_hash: str
+    architectures: tuple[str, ...]  # empty for a CPU-only build
+    jobs: int
+    ccache_dir: str
+    ccache_base: str  # ccache base_dir: absolute paths under it are hashed relative
+    nvcc: str | None = None
+    targets: tuple[str, ...] = ("llama-server",)
+
+    @property
+    def key(self) -> str:
+        return build_key(self.commit, self.flags_hash)
+
+    @property
+    def build_dir(self) -> str:
+        return f"{self.builds_dir}/{self.key}"
+
+    @property
+    def log_path(self) -> str:
+        return f"{self.build_dir}/build.log"
+
+    @property
+    def stamp(self) -> str:
+        return stamp_line(self.commit, self.flags_hash)
+
+    @property
+    def cmake_args(self) -> list[str]:
+        return [f"-D{k}={v}" for k, v in self.flags]
+
+    def describe(self) -> str:
+        pin = self.ref if self.ref == self.commit else f"{self.ref} = {self.commit[:12]}"
+        arches = ("CUDA architectures " + ";".join(self.architectures)
+                  if self.architectures else "CPU only")
+        return f"{self.engine} ({self.kind} {pin}), {arches}, -j {self.jobs}"
+
+
+def build_command(plan: BuildPlan, script: str) -> StringCommand:
+    """The rig-side build script's command line for this plan."""
+    bits: list = [QuoteString(script)]
+
+    def opt(flag, value):
+        bits.extend([flag, QuoteString(value)])
+
+    opt("--name", plan.engine)
+    opt("--source", plan.source_dir)
+    opt("--remote", plan.remote)
+    opt("--commit", plan.commit)
+    for spec in plan.fetch:
+        opt("--fetch", spec)
+    opt("--build-dir", plan.build_dir)
+    opt("--stamp", plan.stamp)
+    opt("--jobs", str(plan.jobs))
+    opt("--ccache-dir", plan.ccache_dir)
+    opt("--ccache-base", plan.ccache_base)
+    if plan.nvcc:
+        opt("--nvcc", plan.nvcc)
+    for target in plan.targets:
+        opt("--target", target)
+    bits.append("--")
+    bits.extend(QuoteString(arg) for arg in plan.cmake_args)
+    return StringCommand(*bits)
+
+
+def parse_stamp(lines: list[str]) -> dict[str, str]:
+    """A stamp's `key=value` lines (the first line, what was built, is `built`)."""
+    out = {"built": lines[0].strip()} if lines else {}
+    for line in lines[1:]:
+        key, sep, value = line.partition("=")
+        if sep:
+            out[key.strip()] = value.strip()
+    return out
+
+
+def hit_rate(hits: int, misses: int) -> str:
+    total = hits + misses
+    if not total:
+        return "no compilations cached"
+    return f"ccache hits {hits}/{total} ({100 * hits / total:.0f} %)"
+
+
+def _announce(state, host, plan: BuildPlan) -> bool:
+    logger.info(f"{host.print_prefix}Building {plan.describe()}; log: {plan.log_path}")
+    return True
+
+
+def _report(state, host, plan: BuildPlan) -> bool:
+    stamp_path = f"{plan.build_dir}/stamp"
+    ok, output = host.run_shell_command(StringCommand("cat", QuoteString(stamp_path)))
+    stamp = parse_stamp(output.stdout_lines) if ok else {}
+    try:
+        seconds = int(stamp["seconds"])
+        rate = hit_rate(int(stamp["ccache_hits"]), int(stamp["ccache_misses"]))
+    except (KeyError, ValueError):
+        logger.info(f"{host.print_prefix}Built {plan.engine} in {plan.build_dir}")
+        return True
+    logger.info(f"{host.print_prefix}Built {plan.engine} {plan.commit[:12]} in "
+                f"{seconds // 60} min {seconds % 60} s, {rate}")
+    return True
+
+
+@operation()
+def build(plan: BuildPlan, script: str):
+    """
+    Build one engine commit with its flags into `<builds_dir>/<commit12>-<flagshash>`.
+
+    + plan: the resolved build (``BuildPlan``)
+    + script: path of the rig-side build script (``garage-build``)
+
+    Runs only when that folder has no stamp saying this commit and these flags were built;
+    the script fetches what is missing into the stable source folder, configures with
+    ccache launchers, builds, checks ``llama-server --version`` reports the commit, and
+    writes the stamp last. A failure shows the tail of the build log and its path.
+
+    **Example:**
+
+    .. code:: python
+
+        engine.build(name="Build llama", plan=plan, script="/opt/llm-garage/bin/garage-build")
+    """
+    builds = host.get_fact(EngineBuilds, builds_dir=plan.builds_dir)
+    have = builds["builds"].get(plan.key)
+    if have and have["stamp"] == plan.stamp:
+        host.noop(f"{plan.engine} {plan.commit[:12]} is already built in {plan.build_dir}")
+        return
+    yield FunctionCommand(_announce, (plan,), {})
+    yield build_command(plan, script)
+    yield FunctionCommand(_report, (plan,), {})
+
+
+@operation()
+def switch(builds_dir: str, key: str):
+    """
+    Point `<builds_dir>/current` at a finished build, atomically (new link, then rename).
+
+    + builds_dir: the engine's builds folder
+    + key: the build folder's name, `<commit12>-<flagshash>`
+
+    Refuses a folder without a stamp, so an unfinished build is never served.
+
+    **Example:**
+
+    .. code:: python
+
+        engine.switch(builds_dir="/opt/llm-garage/builds/llama", key="0123456789ab-a1b2c3d4e5")
+    """
+    builds = host.get_fact(EngineBuilds, builds_dir=builds_dir)
+    if builds["current"] == key:
+        host.noop(f"{builds_dir}/current is already {key}")
+        return
+    stamp = f"{builds_dir}/{key}/stamp"
+    tmp = f"{builds_dir}/.current.tmp"
+    yield StringCommand(
+        "test", "-f", QuoteString(stamp), "||", "{", "echo",
+        QuoteString(f"{builds_dir}/{key} has no stamp: not a finished build"), ">&2;",
+        "exit", "1;", "};",
+        "ln", "-sfn", QuoteString(key), QuoteString(tmp), "&&",
+        "mv", "-fT", QuoteString(tmp), QuoteString(f"{builds_dir}/current"), "&&",
+        "touch", "-c", QuoteString(stamp),
+    )
+
+
+def builds_to_prune(builds: dict, keep: int, wanted: str) -> list[str]:
+    """Build folders to delete so that `keep` builds remain: the wanted and the current build
+    always stay, then the most recently used (stamp mtime, touched on switch); unfinished
+    builds other than the wanted one always go."""
+    protected = {k for k in (wanted, builds.get("current")) if k}
+    finished = sorted(
+        (k for k, b in builds["builds"].items() if b["stamp"] and k not in protected),
+        key=lambda k: (builds["builds"][k]["mtime"] or 0, k), reverse=True,
+    )
+    slots = max(0, keep - len(protected))
+    unfinished = [k for k, b in builds["builds"].items() if not b["stamp"] and k not in protected]
+    return sorted(finished[slots:] + unfinished)
+
+
+@operation()
+def prune(builds_dir: str, keep: int, wanted: str):
+    """
+    Delete old builds of an engine, keeping `keep` of them (never the current one).
+
+    + builds_dir: the engine's builds folder
+    + keep: how many builds stay on disk, the wanted one included
+    + wanted: the build `current` should point at
+
+    **Example:**
+
+    .. code:: python
+
+        engine.prune(builds_dir="/opt/llm-garage/builds/llama", keep=3, wanted=key)
+    """
+    builds = host.get_fact(EngineBuilds, builds_dir=builds_dir)
+    doomed = builds_to_prune(builds, keep, wanted)
+    if not doomed:
+        host.noop(f"{len(builds['builds'])} build(s) in {builds_dir}, keeping up to {keep}")
+        return
+    for key in doomed:
+        yield StringCommand("rm", "-rf", QuoteString(f"{builds_dir}/{key}"))
+
+
+@operation()
+def record_pin(path: str, remote: str, tag: str, commit: str):
+    """
+    Record the commit a tag resolved to on this rig, so that a tag moved later is noticed.
+
+    + path: the record file (one `<tag> <commit> <remote>` line per tag, tab-separated)
+    + remote: the git remote the tag was read from
+    + tag: the tag
+    + commit: the commit it resolved to
+
+    **Example:**
+
+    .. code:: python
+
+        engine.record_pin(path="/opt/llm-garage/state/engine-pins",
+                          remote="https://github.com/ggml-org/llama.cpp.git",
+                          tag="b8137", commit=sha)
+    """
+    recorded = host.get_fact(PinRecords, path=path).get((remote, tag))
+    if recorded == commit:
+        host.noop(f"tag {tag} of {remote} is recorded as {commit[:12]}")
+        return
+    if recorded is not None:
+        raise OperationError(f"tag {tag} of {remote} was recorded as {recorded}, not {commit}")
+    yield StringCommand("printf", "'%s\\n'", QuoteString(pin_record_line(remote, tag, commit)),
+                        ">>", QuoteString(path))

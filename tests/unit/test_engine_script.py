@@ -1,0 +1,185 @@
+"""The rig-side build script (llm_garage/files/garage-build), run here on a tiny CMake project
+in a local git repository: fetch into a stable source folder with full history, build,
+verify `llama-server --version`, stamp last, ccache across build folders, failures."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "llm_garage" / "files" / "garage-build"
+TOOLS = ("git", "cmake", "ccache", "cc", "flock")
+
+CMAKE = """cmake_minimum_required(VERSION 3.16)
+project(fake_llama C)
+find_package(Git REQUIRED)
+execute_process(COMMAND ${GIT_EXECUTABLE} rev-list --count HEAD
+                WORKING_DIRECTORY ${CMAKE_SOURCE_DIR} OUTPUT_VARIABLE N
+                OUTPUT_STRIP_TRAILING_WHITESPACE)
+execute_process(COMMAND ${GIT_EXECUTABLE} rev-parse --short HEAD
+                WORKING_DIRECTORY ${CMAKE_SOURCE_DIR} OUTPUT_VARIABLE C
+                OUTPUT_STRIP_TRAILING_WHITESPACE)
+set(CMAKE_RUNTIME_OUTPUT_DIRECTORY ${CMAKE_BINARY_DIR}/bin)
+add_library(ggml STATIC ggml.c)
+add_executable(llama-server main.c)
+target_link_libraries(llama-server ggml)
+target_compile_definitions(llama-server PRIVATE BUILD_NUMBER=${N} BUILD_COMMIT="${C}")
+"""
+MAIN = """#include <stdio.h>
+int ggml(void);
+int main(void) { fprintf(stderr, "version: %d (%s)\\nbuilt with cc\\n", BUILD_NUMBER,
+                 BUILD_COMMIT); return ggml() ? 0 : 1; }
+"""
+GGML = "int ggml(void) { return %d; }\n"
+
+pytestmark = pytest.mark.skipif(
+    any(shutil.which(t) is None for t in TOOLS),
+    reason="needs " + ", ".join(t for t in TOOLS if shutil.which(t) is None))
+
+
+def git(cwd, *args):
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    return subprocess.run(["git", *args], cwd=cwd, env=env, check=True, capture_output=True,
+                          text=True).stdout.strip()
+
+
+@pytest.fixture
+def upstream(tmp_path):
+    """A repository with tags b1..b3 (b3 breaks the build) and a branch `dev`."""
+    repo = tmp_path / "upstream"
+    repo.mkdir()
+    git(repo, "init", "-q", "-b", "master")
+    (repo / "CMakeLists.txt").write_text(CMAKE)
+    (repo / "main.c").write_text(MAIN)
+    for i in (1, 2):
+        (repo / "ggml.c").write_text(GGML % i)
+        (repo / f"notes{i}.txt").write_text(f"{i}\n")
+        git(repo, "add", "-A")
+        git(repo, "commit", "-qm", f"commit {i}")
+        git(repo, "tag", f"b{i}")
+    (repo / "ggml.c").write_text("this is not C\n")
+    git(repo, "commit", "-qam", "broken")
+    git(repo, "tag", "b3")
+    git(repo, "checkout", "-q", "-b", "dev", "b2")
+    return repo
+
+
+class Garage:
+    def __init__(self, root: Path, remote: Path):
+        self.root = root
+        self.remote = remote
+
+    def build(self, tag: str, *, key: str | None = None, cmake_args=(), fetch=None):
+        commit = git(self.remote, "rev-parse", f"{tag}^{{commit}}")
+        key = key or f"{commit[:12]}-0000000000"
+        build_dir = self.root / "builds" / "llama" / key
+        fetch = fetch if fetch is not None else [f"+refs/tags/{tag}:refs/tags/{tag}", commit]
+        argv = [str(SCRIPT), "--name", "llama", "--source", str(self.root / "src" / "llama"),
+                "--remote", str(self.remote), "--commit", commit,
+                "--build-dir", str(build_dir), "--stamp", f"{commit} 0000000000",
+                "--jobs", "2", "--ccache-dir", str(self.root / "ccache"),
+                "--ccache-base", str(self.root)]
+        for spec in fetch:
+            argv += ["--fetch", spec]
+        argv += ["--", "-DCMAKE_BUILD_TYPE=Release", *cmake_args]
+        proc = subprocess.run(argv, capture_output=True, text=True)
+        return proc, build_dir, commit
+
+
+@pytest.fixture
+def garage(tmp_path, upstream):
+    return Garage(tmp_path / "garage", upstream)
+
+
+def version(build_dir: Path) -> str:
+    return subprocess.run([build_dir / "bin" / "llama-server", "--version"],
+                          capture_output=True, text=True).stderr
+
+
+def stamp(build_dir: Path) -> dict[str, str]:
+    lines = (build_dir / "stamp").read_text().splitlines()
+    return {"built": lines[0], **dict(line.split("=", 1) for line in lines[1:])}
+
+
+def test_builds_a_tag_with_the_right_build_number(garage):
+    proc, build_dir, commit = garage.build("b2")
+    assert proc.returncode == 0, proc.stderr
+    assert f"version: 2 ({commit[:7]}" in version(build_dir)
+    s = stamp(build_dir)
+    assert s["built"] == f"{commit} 0000000000"
+    assert int(s["seconds"]) >= 0 and s["ccache_misses"] == "2"
+    assert "garage-build: done in" in proc.stdout
+    assert (build_dir / "build.log").is_file()
+    assert not list(build_dir.rglob("*.o"))
+    source = garage.root / "src" / "llama"
+    assert not (source / ".git" / "shallow").exists()
+    assert git(source, "rev-parse", "HEAD") == commit
+
+
+def test_second_build_folder_hits_the_cache(garage):
+    proc, first, _ = garage.build("b1")
+    assert proc.returncode == 0, proc.stderr
+    proc, second, commit = garage.build("b2")
+    assert proc.returncode == 0, proc.stderr
+    # ggml.c changed between b1 and b2, main.c did not but its build number did: both miss.
+    assert stamp(second)["ccache_misses"] == "2"
+    proc, third, _ = garage.build("b2", key=f"{commit[:12]}-1111111111")
+    assert proc.returncode == 0, proc.stderr
+    s = stamp(third)
+    assert (s["ccache_hits"], s["ccache_misses"]) == ("2", "0")
+
+
+def test_failed_build_shows_log_tail_and_path_and_leaves_no_stamp(garage):
+    proc, build_dir, _ = garage.build("b3")
+    assert proc.returncode == 1
+    log = build_dir / "build.log"
+    assert "failed (exit" in proc.stderr and "during: build" in proc.stderr
+    assert f"--- last 40 lines of {log} ---" in proc.stderr
+    assert f"full log on {os.uname().nodename}: {log}" in proc.stderr
+    assert "ggml.c" in proc.stderr  # the compiler's complaint is in the tail
+    assert not (build_dir / "stamp").exists()
+    proc, build_dir, _ = garage.build("b2")  # the source folder still works
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_refuses_to_rebuild_the_current_build(garage):
+    proc, build_dir, _ = garage.build("b2")
+    assert proc.returncode == 0
+    (build_dir.parent / "current").symlink_to(build_dir.name)
+    proc, _, _ = garage.build("b2")
+    assert proc.returncode == 1 and "is the build in use" in proc.stderr
+    assert (build_dir / "stamp").exists()
+
+
+def test_version_check_catches_a_wrong_commit(garage):
+    proc, build_dir, commit = garage.build(
+        "b2", cmake_args=["-DCMAKE_C_FLAGS=-UBUILD_COMMIT -DBUILD_COMMIT=\\\"deadbee\\\""])
+    assert proc.returncode == 1
+    assert "during: verify llama-server --version" in proc.stderr
+    assert f"does not report commit {commit}" in proc.stderr
+    assert not (build_dir / "stamp").exists()
+
+
+def test_commit_pin_fetched_by_sha_and_unknown_commit(garage):
+    commit = git(garage.remote, "rev-parse", "b1")
+    proc, build_dir, _ = garage.build("b1", fetch=[commit])
+    assert proc.returncode == 0, proc.stderr
+    assert git(garage.root / "src" / "llama", "tag") == ""  # fetched by SHA, no tag
+    proc, build_dir, _ = garage.build("b2", fetch=["+refs/tags/nope:refs/tags/nope"])
+    assert proc.returncode == 1 and "was not found on" in proc.stderr
+
+
+def test_shallow_source_is_deepened(garage):
+    source = garage.root / "src" / "llama"
+    source.parent.mkdir(parents=True)
+    git(source.parent, "clone", "-q", "--depth", "1", "--branch", "b2",
+        f"file://{garage.remote}", str(source))
+    assert (source / ".git" / "shallow").exists()
+    proc, build_dir, commit = garage.build("b2")
+    assert proc.returncode == 0, proc.stderr
+    assert f"version: 2 ({commit[:7]}" in version(build_dir)
