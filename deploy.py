@@ -6,9 +6,10 @@ each task then reads only its host's validated `Rig`."""
 from pyinfra import host
 
 from llm_garage.fleet import rig_for
-from tasks import base, engines
+from tasks import base, engines, models
 
 rig = rig_for(host)
 
 base.prepare(rig)
 built = engines.converge(rig)
+fetched = models.converge(rig)

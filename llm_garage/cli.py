@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 from .fleet import SettingsError, load_fleet
+from .hf import HfError, Spec, human_size
+from .lock import Lock, LockError, lock_path_for, relock, resolvers
 from .settings import Rig
 
 
@@ -28,8 +30,9 @@ def load_inventory(path: str):
     return inventory
 
 
-def plan_lines(rig: Rig) -> list[str]:
-    """What a deploy converges this rig to, in words a reader can check."""
+def plan_lines(rig: Rig, locked: Lock | None = None) -> list[str]:
+    """What a deploy converges this rig to, in words a reader can check (with the lock's
+    files when `locked` is given)."""
     d = rig.data
     out = [f"rig {rig.name}"]
     gpus = f"{d.gpu_count} NVIDIA GPU(s)" if d.gpu_count else "no NVIDIA GPUs"
@@ -54,6 +57,7 @@ def plan_lines(rig: Rig) -> list[str]:
     for name, m in sorted(rig.models.items()):
         kind, value = m.selector()
         out.append(f"  model {name}: {m.repo}@{m.revision} {kind}={value} -> {rig.model_dir(name)}")
+        out += model_lock_lines(name, m, locked)
     for name, p in sorted(rig.profiles.items()):
         state = "enabled" if p.enabled else "disabled"
         out.append(f"  profile {name} ({state}) as {rig.service_name(name)}, "
@@ -66,17 +70,51 @@ def plan_lines(rig: Rig) -> list[str]:
     return out
 
 
+def model_lock_lines(name: str, model, locked: Lock | None) -> list[str]:
+    if locked is None:
+        return []
+    pinned = locked.models.get(name)
+    if pinned is None or pinned.spec != Spec.of(model):
+        what = "is not in the lock" if pinned is None else "differs from the lock"
+        return [f"    {what}: run `llm-garage lock` before deploying"]
+    return [f"    locked at commit {pinned.commit}:"] + [
+        f"      {f.path} ({human_size(f.size)})" for f in pinned.files]
+
+
 def cmd_check(args) -> int:
     inventory = load_inventory(args.inventory)
     try:
         rigs = load_fleet(inventory)
-    except SettingsError as e:
+        path = lock_path_for(args.inventory)
+        locked = Lock.load(path, args.inventory) if path.exists() else None
+    except (SettingsError, LockError) as e:
         print(f"llm-garage: {args.inventory}: {e}", file=sys.stderr)
         return 1
     for rig in rigs.values():
-        print("\n".join(plan_lines(rig)))
+        print("\n".join(plan_lines(rig, locked)))
         print()
     print(f"{args.inventory}: {len(rigs)} rig(s) valid")
+    return 0
+
+
+def cmd_lock(args) -> int:
+    inventory = load_inventory(args.inventory)
+    path = lock_path_for(args.inventory)
+    # --update absent: keep unchanged pins; --update alone: all; --update a b: those
+    update = () if args.update is None else (args.update or None)
+    try:
+        rigs = load_fleet(inventory)
+        new, changes, dropped = relock(rigs, path, resolvers(), update=update,
+                                       inventory=args.inventory)
+    except (SettingsError, LockError, HfError) as e:
+        print(f"llm-garage: {args.inventory}: {e}", file=sys.stderr)
+        return 1
+    for change in changes:
+        print(change.line())
+    for name in dropped:
+        print(f"{name}: no longer in the inventory [removed from the lock]")
+    new.save()
+    print(f"wrote {path}")
     return 0
 
 
@@ -87,6 +125,14 @@ def main(argv: list[str] | None = None) -> int:
                                          "(offline, no host contacted)")
     check.add_argument("inventory", help="pyinfra inventory file, e.g. inventory/garage.py")
     check.set_defaults(func=cmd_check)
+    lock = sub.add_parser("lock", help="pin every model of an inventory (Hugging Face commit, "
+                                       "files, sizes, sha256) in <inventory>.lock.json next to "
+                                       "it; deploys then use the lock and not the API")
+    lock.add_argument("inventory", help="pyinfra inventory file, e.g. inventory/garage.py")
+    lock.add_argument("--update", nargs="*", metavar="MODEL",
+                      help="re-resolve these models (all when none is named), e.g. to follow "
+                           "a branch; without it, unchanged models keep their pins")
+    lock.set_defaults(func=cmd_lock)
     args = parser.parse_args(argv)
     return args.func(args)
 

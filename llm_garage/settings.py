@@ -337,6 +337,10 @@ class RigData:
                                             "model names any more", type="bool", check=is_bool)
     models_verify: bool = setting(False, doc="re-hash every model file this run instead of "
                                              "trusting its stamp", type="bool", check=is_bool)
+    models_retries: int = setting(5, doc="times in a row a dropped model download is resumed "
+                                         "within one run before the run fails (the partial "
+                                         "file is kept and the next run resumes it)",
+                                  type="int", check=is_int(0, 100))
     gpu_count: int = setting(0, doc="NVIDIA GPUs the rig must have (0 = none; power settings "
                                     "are skipped)", type="int", check=is_int(0, 64))
     gpu_power_limit_w: float | list[float] | None = setting(

@@ -1,0 +1,229 @@
+"""The lock file: written on purpose, used instead of the API, refused when it disagrees."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+import pytest
+
+from llm_garage import lock
+from llm_garage.lock import Lock, LockError
+from llm_garage.settings import load_rig
+from tests.fixtures.hf_server import HFServer
+
+REPO = Path(__file__).resolve().parents[2]
+TOKEN = "hf_lock_test_token_0123456789abcdef"
+SHARDS = {f"Q4_K_M/M-Q4_K_M-0000{i}-of-00002.gguf": bytes([i]) * 2000 for i in (1, 2)}
+
+
+@pytest.fixture
+def hub():
+    server = HFServer(token=TOKEN, page_size=2)
+    server.add_repo("acme/M-GGUF", {**SHARDS, "M-Q8_0.gguf": b"q8" * 1500})
+    server.add_repo("acme/Gated-GGUF", {"G-Q4.gguf": b"g" * 500}, gated=True)
+    with server:
+        yield server
+
+
+def make_rig(name, models, **data):
+    rig, errors = load_rig(name, {"models": models, **data})
+    assert not errors, errors
+    return rig
+
+
+def fleet(hub, **models_by_host):
+    return {h: make_rig(h, models, hf_endpoint=hub.url) for h, models in models_by_host.items()}
+
+
+Q4 = {"repo": "acme/M-GGUF", "revision": "main", "quant": "Q4_K_M"}
+Q8 = {"repo": "acme/M-GGUF", "revision": "main", "files": ["M-Q8_0.gguf"]}
+
+
+def no_api(endpoint):
+    raise AssertionError("the API must not be asked")
+
+
+def test_lock_path_sits_next_to_the_inventory():
+    assert lock.lock_path_for("inventory/garage.py") == Path("inventory/garage.lock.json")
+    assert lock.lock_path_for("/x/y/test.inv.py") == Path("/x/y/test.inv.lock.json")
+    assert lock.lock_path_for("hosts") == Path("hosts.lock.json")
+
+
+def test_lock_inventory_of_run_comes_from_the_pyinfra_command_line(tmp_path, monkeypatch):
+    inv = tmp_path / "garage.py"
+    inv.write_text("hosts = []\n")
+    monkeypatch.chdir(tmp_path)
+    seen = []
+
+    @click.command()
+    @click.argument("inventory")
+    @click.argument("operations", nargs=-1)
+    def fake_pyinfra(inventory, operations):
+        seen.append(lock.inventory_of_run())
+
+    fake_pyinfra.main(["garage.py", "deploy.py"], standalone_mode=False)
+    fake_pyinfra.main(["rig1,rig2", "deploy.py"], standalone_mode=False)
+    assert seen == [Path("garage.py"), None]
+    assert lock.inventory_of_run() is None  # no CLI at all
+
+
+def test_lock_round_trip_is_exact_and_stable(hub, tmp_path):
+    rigs = fleet(hub, rig1={"q4": Q4, "q8": Q8})
+    new, changes, dropped = lock.relock(rigs, tmp_path / "inv.lock.json", lock.resolvers())
+    assert [c.status for c in changes] == ["added", "added"] and dropped == []
+    new.save()
+    text = (tmp_path / "inv.lock.json").read_text()
+    data = json.loads(text)
+    entry = data["models"]["q4"]
+    assert entry["repo"] == "acme/M-GGUF" and entry["revision"] == "main"
+    assert entry["selector"] == {"quant": "Q4_K_M"}
+    assert entry["commit"] == hub._repo("acme/M-GGUF").refs["main"]
+    assert [f["path"] for f in entry["files"]] == sorted(SHARDS)
+    assert entry["files"][0]["size"] == 2000 and len(entry["files"][0]["sha256"]) == 64
+    assert data["models"]["q8"]["selector"] == {"files": ["M-Q8_0.gguf"]}
+    loaded = Lock.load(tmp_path / "inv.lock.json")
+    assert loaded.models == new.models
+    assert loaded.dumps() == text
+
+
+def test_lock_is_used_without_asking_the_api(hub, tmp_path):
+    rigs = fleet(hub, rig1={"q4": Q4}, rig2={"q4": Q4, "q8": Q8})
+    new, _, _ = lock.relock(rigs, tmp_path / "l.json", lock.resolvers())
+    new.save()
+    hub.stop()  # the endpoint is gone
+    pinned = lock.pins(rigs, Lock.load(tmp_path / "l.json"), no_api, "inv.py",
+                       have_token=False)
+    assert set(pinned) == {("rig1", "q4"), ("rig2", "q4"), ("rig2", "q8")}
+    assert pinned[("rig1", "q4")] is pinned[("rig2", "q4")]
+    assert pinned[("rig2", "q8")].main.name == "M-Q8_0.gguf"
+    hub.start()
+
+
+def test_lock_that_disagrees_or_lacks_a_model_stops_the_deploy(hub, tmp_path):
+    new, _, _ = lock.relock(fleet(hub, rig1={"q4": Q4}), tmp_path / "l.json", lock.resolvers())
+    changed = fleet(hub, rig1={"q4": {**Q4, "quant": "Q8_0"}, "q8": Q8})
+    with pytest.raises(LockError) as e:
+        lock.pins(changed, new, no_api, "inventory/garage.py", have_token=True)
+    text = str(e.value)
+    assert "2 model pin problem(s); nothing was changed on any host" in text
+    assert ("model 'q4' on 'rig1': the lock " in text
+            and "pins acme/M-GGUF@main quant=Q4_K_M but the inventory asks for "
+                "acme/M-GGUF@main quant=Q8_0" in text)
+    assert "model 'q8' on 'rig1' (acme/M-GGUF@main files=M-Q8_0.gguf) is not in the lock" in text
+    assert text.count("run `llm-garage lock inventory/garage.py`") == 2
+
+
+def test_relock_keeps_unchanged_pins_and_updates_on_request(hub, tmp_path):
+    path = tmp_path / "l.json"
+    rigs = fleet(hub, rig1={"q4": Q4, "q8": Q8})
+    first, _, _ = lock.relock(rigs, path, lock.resolvers())
+    first.save()
+    old_commit = first.models["q4"].commit
+    # main moves on: a new upload
+    new_commit = hub.add_commit("acme/M-GGUF", {**SHARDS, "M-Q8_0.gguf": b"Q8" * 1600},
+                                refs=["main"])
+    again, changes, _ = lock.relock(rigs, path, lock.resolvers())
+    assert [c.status for c in changes] == ["kept", "kept"]
+    assert again.models["q4"].commit == old_commit
+    updated, changes, _ = lock.relock(rigs, path, lock.resolvers(), update=["q8"])
+    assert {c.name: c.status for c in changes} == {"q4": "kept", "q8": "updated"}
+    assert updated.models["q8"].commit == new_commit
+    assert updated.models["q8"].main.size == 3200
+    assert f"(was {old_commit[:12]})" in changes[1].line()
+    everything, changes, _ = lock.relock(rigs, path, lock.resolvers(), update=None)
+    assert {c.status for c in changes} == {"updated"}
+    smaller = fleet(hub, rig1={"q4": {**Q4, "revision": old_commit}})
+    pruned, changes, dropped = lock.relock(smaller, path, lock.resolvers())
+    assert dropped == ["q8"] and changes[0].status == "changed"
+    assert set(pruned.models) == {"q4"} and pruned.models["q4"].commit == old_commit
+
+
+def test_relock_refuses_one_name_meaning_two_models(hub, tmp_path):
+    rigs = fleet(hub, rig1={"m": Q4}, rig2={"m": Q8})
+    with pytest.raises(LockError) as e:
+        lock.relock(rigs, tmp_path / "l.json", lock.resolvers())
+    assert "model 'm' means different things" in str(e.value)
+    assert "on 'rig1'" in str(e.value) and "on 'rig2'" in str(e.value)
+
+
+def test_pins_without_a_lock_resolve_each_model_once(hub):
+    rigs = fleet(hub, rig1={"q4": Q4}, rig2={"q4": Q4}, rig3={"q4": Q4, "q8": Q8})
+    cached = lock.resolvers()
+    asked = []
+
+    def resolver_for(endpoint):
+        asked.append(endpoint)
+        return cached(endpoint)
+
+    pinned = lock.pins(rigs, None, resolver_for, have_token=False)
+    assert len(pinned) == 4 and set(asked) == {hub.url}
+    resolver = cached(hub.url)
+    assert resolver.api_calls == 1 + 2  # one revision, two tree pages: for every rig at once
+
+
+def test_gated_model_in_the_lock_needs_a_token_before_any_host_changes(hub, tmp_path,
+                                                                       monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    rigs = fleet(hub, rig1={"g": {"repo": "acme/Gated-GGUF", "revision": "main",
+                                  "quant": "Q4"}})
+    new, _, _ = lock.relock(rigs, tmp_path / "l.json", lock.resolvers())
+    assert new.models["g"].needs_token
+    new.save()
+    monkeypatch.delenv("HF_TOKEN")
+    with pytest.raises(LockError) as e:
+        lock.pins(rigs, Lock.load(tmp_path / "l.json"), no_api, have_token=False)
+    assert "acme/Gated-GGUF is gated or private" in str(e.value)
+    assert "HF_TOKEN" in str(e.value) and TOKEN not in str(e.value)
+
+
+@pytest.mark.parametrize("mangle, expected", [
+    (lambda d: "{not json", "is not valid JSON"),
+    (lambda d: {**d, "version": 9}, "is not a version 1 llm-garage lock"),
+    (lambda d: {**d, "models": {"q4": {**d["models"]["q4"], "commit": "abc"}}},
+     "commit 'abc' is not a 40-character SHA"),
+    (lambda d: {**d, "models": {"q4": {**d["models"]["q4"], "files": [
+        {"path": "../../etc/passwd", "size": 1, "sha256": "0" * 64}]}}},
+     "is not a repository path"),
+])
+def test_lock_that_cannot_be_read_says_how_to_rewrite_it(hub, tmp_path, mangle, expected):
+    path = tmp_path / "garage.lock.json"
+    new, _, _ = lock.relock(fleet(hub, rig1={"q4": Q4}), path, lock.resolvers())
+    data = json.loads(new.dumps())
+    mangled = mangle(data)
+    path.write_text(mangled if isinstance(mangled, str) else json.dumps(mangled))
+    with pytest.raises(LockError) as e:
+        Lock.load(path, "inventory/garage.py")
+    assert expected in str(e.value)
+    assert "run `llm-garage lock inventory/garage.py` to rewrite it" in str(e.value)
+
+
+def test_lock_command_writes_the_lock_and_check_lists_the_files(hub, tmp_path):
+    inv = tmp_path / "inventory" / "garage.py"
+    inv.parent.mkdir()
+    inv.write_text(
+        "rigs = [('rig1', {'ssh_hostname': '10.9.9.9', "
+        f"'hf_endpoint': {hub.url!r}, 'models': {{'q4': {Q4!r}}}}})]\n")
+    env = {**os.environ, "HF_TOKEN": ""}
+    cli = [sys.executable, "-m", "llm_garage.cli"]
+    out = subprocess.run([*cli, "lock", str(inv)], capture_output=True, text=True, env=env,
+                         cwd=REPO, timeout=120)
+    assert out.returncode == 0, out.stderr
+    path = inv.with_name("garage.lock.json")
+    commit = hub._repo("acme/M-GGUF").refs["main"]
+    assert f"q4: acme/M-GGUF@main quant=Q4_K_M -> {commit[:12]}, 2 file(s)" in out.stdout
+    assert f"wrote {path}" in out.stdout
+    assert Lock.load(path).models["q4"].commit == commit
+    check = subprocess.run([*cli, "check", str(inv)], capture_output=True, text=True, env=env,
+                           cwd=REPO, timeout=120)
+    assert check.returncode == 0, check.stderr
+    assert f"    locked at commit {commit}:" in check.stdout
+    assert "      Q4_K_M/M-Q4_K_M-00002-of-00002.gguf (2.00 kB)" in check.stdout
+    inv.write_text(inv.read_text().replace("Q4_K_M", "Q8_0"))
+    check = subprocess.run([*cli, "check", str(inv)], capture_output=True, text=True, env=env,
+                           cwd=REPO, timeout=120)
+    assert "differs from the lock: run `llm-garage lock`" in check.stdout
