@@ -1,0 +1,75 @@
+"""Facts about a rig's NVIDIA GPUs: the power table that power limits are checked against."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+from pyinfra.api import FactBase
+
+QUERY_FIELDS = ("index", "name", "power.limit", "power.min_limit", "power.max_limit",
+                "persistence_mode")
+GPU_TABLE_COMMAND = ("nvidia-smi --query-gpu=" + ",".join(QUERY_FIELDS)
+                     + " --format=csv,noheader,nounits")
+_NUMBER = re.compile(r"[0-9]+(\.[0-9]+)?")
+
+
+@dataclasses.dataclass(frozen=True)
+class Gpu:
+    """One row of the power table; None where the driver answers [N/A] or similar."""
+
+    index: int
+    name: str
+    power_limit_w: float | None
+    min_limit_w: float | None
+    max_limit_w: float | None
+    persistence_mode: bool | None
+
+
+def _watts(cell: str) -> float | None:
+    cell = cell.strip()
+    return float(cell) if _NUMBER.fullmatch(cell) else None
+
+
+def _persistence(cell: str) -> bool | None:
+    return {"enabled": True, "disabled": False}.get(cell.strip().lower())
+
+
+def parse_gpu_table(lines: list[str]) -> list[Gpu] | None:
+    """`nvidia-smi --query-gpu=<QUERY_FIELDS> --format=csv,noheader,nounits` rows -> GPUs.
+
+    Cells such as `[N/A]`, `[Not Supported]` or `[Unknown Error]` become None. The name may
+    itself hold commas, so the fields are taken from both ends. Returns None when a line does
+    not look like a row of that query (nvidia-smi printed an error instead)."""
+    gpus = []
+    for line in lines:
+        if not line.strip():
+            continue
+        cells = [c.strip() for c in line.split(",")]
+        if len(cells) < len(QUERY_FIELDS) or not cells[0].isdigit():
+            return None
+        limit, low, high, persistence = cells[-4:]
+        gpus.append(Gpu(
+            index=int(cells[0]),
+            name=", ".join(cells[1:-4]),
+            power_limit_w=_watts(limit),
+            min_limit_w=_watts(low),
+            max_limit_w=_watts(high),
+            persistence_mode=_persistence(persistence),
+        ))
+    return sorted(gpus, key=lambda g: g.index)
+
+
+class GpuTable(FactBase):
+    """Index, name, power limit with its allowed range, and persistence mode of every GPU.
+
+    None when nvidia-smi is not installed; a failing nvidia-smi (no driver) fails the fact
+    with nvidia-smi's own message."""
+
+    command = GPU_TABLE_COMMAND
+
+    def requires_command(self, *args, **kwargs) -> str:
+        return "nvidia-smi"
+
+    def process(self, output):
+        return parse_gpu_table(list(output))

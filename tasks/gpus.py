@@ -1,0 +1,49 @@
+"""GPU persistence mode and power limits: set now where they drift, re-applied at every boot."""
+
+from io import StringIO
+
+from pyinfra import host
+from pyinfra.api import deploy
+from pyinfra.facts.server import Which
+from pyinfra.operations import files, systemd
+
+from llm_garage import units
+from llm_garage.operations import gpu, services
+from llm_garage.operations.gpu import GpuSettingsError
+from llm_garage.settings import Rig
+
+
+@deploy("GPUs")
+def converge(rig: Rig) -> None:
+    d = rig.data
+    unit_path = units.unit_path(units.GPU_POWER_UNIT)
+    if not units.has_gpu_power_unit(rig):
+        if d.gpu_count == 0:
+            host.log("gpus: no NVIDIA GPUs (gpu_count 0), power settings skipped")
+        services.unit_absent(name=f"No {units.GPU_POWER_UNIT}", service=units.GPU_POWER_UNIT,
+                             paths=[unit_path])
+        return
+
+    nvidia_smi = host.get_fact(Which, command="nvidia-smi")
+    if not nvidia_smi:
+        raise GpuSettingsError(f"host {rig.name!r}: gpu_count is {d.gpu_count} but nvidia-smi "
+                               "is not installed (install the NVIDIA driver first)")
+    limits = rig.power_limits()
+    gpu.power_settings(
+        name="GPU persistence mode and power limits",
+        gpu_count=d.gpu_count,
+        limits=limits,
+        persistence=d.gpu_persistence_mode,
+        nvidia_smi=nvidia_smi,
+    )
+    unit = files.put(
+        name=f"Boot unit {units.GPU_POWER_UNIT}",
+        src=StringIO(units.gpu_power_unit(rig, nvidia_smi)),
+        dest=unit_path,
+        user="root",
+        group="root",
+        mode="644",
+    )
+    systemd.daemon_reload(name="Reload systemd (GPU power unit changed)", _if=unit.did_change)
+    systemd.service(name=f"Enable {units.GPU_POWER_UNIT} at boot",
+                    service=units.GPU_POWER_UNIT, running=None, enabled=True)

@@ -1,0 +1,444 @@
+"""llama-server services: input digests, restart decisions, secret files, removal, and the
+rig-side check script against a stand-in server."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from pyinfra.api import FileUploadCommand, StringCommand
+from pyinfra.context import ctx_host
+
+from llm_garage import units
+from llm_garage.facts.services import (
+    GarageUnits,
+    ServiceState,
+    UnitPresence,
+    inputs_digest_command,
+)
+from llm_garage.operations import services as ops
+from llm_garage.settings import load_rig
+from tasks.services import check_command, local_url
+
+CHECK_SCRIPT = Path(__file__).resolve().parents[2] / "llm_garage" / "files" / "garage-server-check"
+
+
+def sh(command: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(["sh", "-c", command], capture_output=True, text=True, **kw)
+
+
+# --- the inputs digest ---------------------------------------------------------------------
+
+@pytest.fixture
+def inputs(tmp_path):
+    builds = tmp_path / "builds"
+    for build in ("aaa", "bbb"):
+        (builds / build / "bin").mkdir(parents=True)
+        (builds / build / "bin" / "llama-server").write_text(build)
+    (builds / "current").symlink_to("aaa")
+    models = tmp_path / "models" / "m"
+    models.mkdir(parents=True)
+    (models / "m-00001-of-00002.gguf").write_text("1")
+    (models / "m-00002-of-00002.gguf").write_text("2")
+    unit = tmp_path / "u.service"
+    unit.write_text("[Service]\n")
+    key = tmp_path / "k.key"
+    key.write_text("secret\n")
+    paths = dict(unit=str(unit), key_file=str(key), engine_link=str(builds / "current"),
+                 binary=str(builds / "current" / "bin" / "llama-server"),
+                 model=str(models / "m-00001-of-00002.gguf"))
+    return tmp_path, paths
+
+
+def digest(paths):
+    out = sh(inputs_digest_command(**paths))
+    assert out.returncode == 0, out.stderr
+    value = out.stdout.strip()
+    assert len(value) == 64
+    return value
+
+
+def test_digest_is_stable(inputs):
+    _, paths = inputs
+    assert digest(paths) == digest(paths)
+
+
+@pytest.mark.parametrize("change", ["unit", "key", "engine", "shard", "partial", "rebuild"])
+def test_digest_follows_every_input(inputs, change):
+    tmp, paths = inputs
+    before = digest(paths)
+    if change == "unit":
+        Path(paths["unit"]).write_text("[Service]\nRestart=no\n")
+    elif change == "key":
+        Path(paths["key_file"]).write_text("other\n")
+    elif change == "engine":
+        os.remove(paths["engine_link"])
+        os.symlink("bbb", paths["engine_link"])
+    elif change == "shard":  # a second shard replaced by a verified download (new inode)
+        shard = tmp / "models/m/m-00002-of-00002.gguf"
+        (tmp / "new").write_text("22")
+        os.replace(tmp / "new", shard)
+    elif change == "partial":  # a download in progress is not an input
+        (tmp / "models/m/m-00002-of-00002.gguf.partial").write_text("x")
+        assert digest(paths) == before
+        return
+    elif change == "rebuild":  # same build folder, new binary
+        binary = tmp / "builds/aaa/bin/llama-server"
+        (tmp / "new").write_text("rebuilt")
+        os.replace(tmp / "new", binary)
+    assert digest(paths) != before
+
+
+def test_digest_of_missing_inputs_still_answers(tmp_path):
+    value = digest(dict(unit=str(tmp_path / "no.service"), key_file=None,
+                        engine_link=str(tmp_path / "none"), binary=str(tmp_path / "none/x"),
+                        model=str(tmp_path / "nowhere/m.gguf")))
+    assert len(value) == 64
+
+
+def test_service_state_fact_command_runs(inputs):
+    tmp, paths = inputs
+    stamp = tmp / "stamp"
+    stamp.write_text(digest(paths) + "\n")
+    command = ServiceState().command("llama-server-x.service", str(stamp),
+                                     inputs_digest_command(**paths))
+    out = sh(command)
+    state = ServiceState().process(out.stdout.splitlines())
+    assert state["stamp"] == state["inputs"] == digest(paths)
+    assert state["active"]  # whatever systemctl says on this machine
+
+
+def test_garage_units_fact_lists_only_marked_units(tmp_path):
+    (tmp_path / "llama-server-a.service").write_text(units.GENERATED_MARKER + " x\n[Unit]\n")
+    (tmp_path / "llama-server-b.service").write_text("# hand written\n")
+    (tmp_path / "other.service").write_text(units.GENERATED_MARKER + "\n")
+    command = GarageUnits().command(str(tmp_path), "llama-server-*.service",
+                                    units.GENERATED_MARKER)
+    out = sh(command)
+    assert out.returncode == 0
+    assert GarageUnits().process(out.stdout.splitlines()) == ["llama-server-a.service"]
+    missing = sh(GarageUnits().command(str(tmp_path / "nope"), "*.service", "#"))
+    assert missing.returncode == 0 and missing.stdout == ""
+
+
+def test_unit_presence_fact(tmp_path):
+    (tmp_path / "a").write_text("")
+    out = sh(UnitPresence().command("no-such-unit.service", [str(tmp_path / "a"),
+                                                             str(tmp_path / "b")]))
+    assert out.returncode == 0
+    assert UnitPresence().process(out.stdout.splitlines()) == {
+        "active": False, "enabled": False, "present": [str(tmp_path / "a")]}
+
+
+# --- operations with facts given -----------------------------------------------------------
+
+class FakeState:
+    def __init__(self, executing=False):
+        self.is_executing = executing
+
+
+class FakeHost:
+    name = "rig1"
+
+    def __init__(self, facts, executing=False, global_args=None):
+        self.facts = facts
+        self.state = FakeState(executing)
+        self.current_op_global_arguments = global_args or {}
+        self.noops: list[str] = []
+        self.logs: list[str] = []
+
+    def get_fact(self, cls, **kwargs):
+        value = self.facts[cls.__name__]
+        return value(**kwargs) if callable(value) else value
+
+    def noop(self, text):
+        self.noops.append(text)
+
+    def log(self, text, *args):
+        self.logs.append(text)
+
+    def get_temp_filename(self, key):
+        return "/tmp/pyinfra-" + hashlib.sha1(key.encode()).hexdigest()
+
+
+def run_op(op, facts, executing=False, global_args=None, **kwargs):
+    fake = FakeHost(facts, executing, global_args)
+    with ctx_host.use(fake):
+        commands = list(op._inner(**kwargs))
+    return commands, fake
+
+
+def raw(commands):
+    return [c.get_raw_value() if isinstance(c, StringCommand) else c for c in commands]
+
+
+class Meta:
+    """Stands in for an OperationMeta of an earlier operation."""
+
+    def __init__(self, will=False, did=False, error=False):
+        self.will_change, self._did, self._error = will, did, error
+
+    def is_complete(self):
+        return True
+
+    def did_change(self):
+        return self._did
+
+    def did_error(self):
+        return self._error
+
+
+SERVICE_ARGS = dict(service="llama-server-p.service", stamp="/opt/g/state/services/p.inputs",
+                    unit_file="/etc/systemd/system/llama-server-p.service", key_file=None,
+                    engine_link="/opt/g/builds/llama/current",
+                    binary="/opt/g/builds/llama/current/bin/llama-server",
+                    model="/srv/models/m/m.gguf",
+                    check=["/opt/g/bin/garage-server-check", "--unit", "llama-server-p.service"])
+
+
+def service_state(active="active", stamp="d1", inputs="d1"):
+    return {"ServiceState": {"active": active, "stamp": stamp, "inputs": inputs}}
+
+
+def test_no_restart_when_running_with_the_proven_inputs():
+    commands, fake = run_op(ops.restarted_on_change, service_state(), **SERVICE_ARGS,
+                            changed=[Meta()])
+    assert commands == []
+    assert fake.noops == ["llama-server-p.service is running with the inputs it was proven with"]
+
+
+@pytest.mark.parametrize("state, changed, executing, reason", [
+    (dict(stamp=None), [], False, "never proven healthy"),
+    (dict(stamp="old"), [], False, "its unit, API key, engine build or model files changed"),
+    (dict(active="failed"), [], False, "it is failed"),
+    ({}, [Meta(will=True)], False, "its engine or model changed in this run"),
+    ({}, [Meta(did=True)], True, "its engine or model changed in this run"),
+])
+def test_restart_then_check_then_stamp(state, changed, executing, reason):
+    commands, fake = run_op(ops.restarted_on_change, service_state(**state),
+                            executing=executing, **SERVICE_ARGS, changed=changed)
+    restart, check, stamp = raw(commands)
+    assert restart == "systemctl restart -- llama-server-p.service"
+    assert check == "/opt/g/bin/garage-server-check --unit llama-server-p.service"
+    assert stamp.startswith("sh -c ") and stamp.endswith(
+        " - /opt/g/state/services /opt/g/state/services/p.inputs")
+    if not executing:
+        assert reason in fake.logs[0]
+
+
+def test_stamp_command_writes_the_digest(inputs):
+    tmp, paths = inputs
+    args = dict(SERVICE_ARGS, stamp=str(tmp / "state/services/p.inputs"),
+                unit_file=paths["unit"], key_file=paths["key_file"],
+                engine_link=paths["engine_link"], binary=paths["binary"], model=paths["model"])
+    commands, _ = run_op(ops.restarted_on_change, service_state(stamp=None), **args)
+    out = subprocess.run(raw(commands)[2], shell=True, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    stamp = tmp / "state/services/p.inputs"
+    assert stamp.read_text().strip() == digest(paths)
+    assert stamp.stat().st_mode & 0o077 == 0
+
+
+def test_secret_file_unchanged_is_a_noop():
+    content = "k3y\n"
+    facts = {"Sha256File": hashlib.sha256(content.encode()).hexdigest()}
+    commands, fake = run_op(ops.secret_file, facts, path="/etc/llm-garage/a.key",
+                            content=content)
+    assert commands == [] and fake.noops == ["/etc/llm-garage/a.key is up to date"]
+
+
+def test_secret_file_is_private_before_it_holds_anything():
+    commands, _ = run_op(ops.secret_file, {"Sha256File": None}, path="/etc/llm-garage/a.key",
+                         content="k3y\n")
+    mkdir, create, upload = commands
+    assert raw([mkdir]) == ["install -d -m 700 -o root -g root /etc/llm-garage"]
+    assert "umask 077" in create.get_raw_value() and "chmod 600" in create.get_raw_value()
+    assert isinstance(upload, FileUploadCommand) and upload.dest == "/etc/llm-garage/a.key"
+    assert upload.remote_temp_filename is None
+    assert upload.src.getvalue() == "k3y\n"
+    assert not any("k3y" in c.get_raw_value() for c in commands if isinstance(c, StringCommand))
+
+
+def test_secret_file_with_sudo_prepares_a_private_temporary_file():
+    commands, _ = run_op(ops.secret_file, {"Sha256File": "0" * 64}, global_args={"_sudo": True},
+                         path="/etc/llm-garage/a.key", content="k3y\n")
+    temp_cmd, upload = commands[-2:]
+    assert upload.remote_temp_filename and upload.remote_temp_filename.startswith("/tmp/")
+    assert temp_cmd.get_raw_value().endswith(upload.remote_temp_filename)
+    assert temp_cmd.connector_arguments["_sudo"] is False
+
+
+def test_unit_absent():
+    paths = ["/etc/systemd/system/x.service", "/etc/llm-garage/x.key"]
+    facts = {"UnitPresence": {"active": True, "enabled": True, "present": paths[:1]}}
+    commands, _ = run_op(ops.unit_absent, facts, service="x.service", paths=paths)
+    assert raw(commands) == ["systemctl disable --now -- x.service",
+                             "rm -f -- /etc/systemd/system/x.service"]
+    facts = {"UnitPresence": {"active": False, "enabled": False, "present": []}}
+    commands, fake = run_op(ops.unit_absent, facts, service="x.service", paths=paths)
+    assert commands == [] and fake.noops == ["x.service is absent"]
+
+
+def test_stale_units_removed_keeps_enabled_and_removes_disabled_and_gone():
+    def presence(service, paths):
+        return {"active": service != "llama-server-off.service", "enabled": False,
+                "present": list(paths)}
+
+    facts = {"GarageUnits": ["llama-server-gone.service", "llama-server-on.service"],
+             "UnitPresence": presence}
+    commands, _ = run_op(ops.stale_units_removed, facts, keep=["llama-server-on.service"],
+                         also=["llama-server-off.service"], unit_dir="/u",
+                         pattern="llama-server-*.service", marker="#",
+                         companions={"/s": ".key"})
+    assert raw(commands) == [
+        "systemctl disable --now -- llama-server-gone.service",
+        "rm -f -- /u/llama-server-gone.service /s/llama-server-gone.key",
+        "rm -f -- /u/llama-server-off.service /s/llama-server-off.key",
+    ]
+
+
+def test_all_proven_names_the_failed_services():
+    checks = {"a.service": Meta(), "b.service": Meta(error=True)}
+    commands, fake = run_op(ops.all_proven, {}, checks=checks)
+    assert commands == [] and fake.noops
+    commands, _ = run_op(ops.all_proven, {}, executing=True, checks=checks)
+    assert raw(commands) == [
+        "echo 'llama-server service(s) failed to start or to answer: b.service (their journal "
+        "is printed above)' >&2; exit 1"]
+    commands, _ = run_op(ops.all_proven, {}, executing=True, checks={"a.service": Meta()})
+    assert commands == []
+
+
+# --- task helpers --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("listen, url", [
+    ("0.0.0.0", "http://127.0.0.1:8000"), ("::", "http://[::1]:8000"),
+    ("192.168.1.50", "http://192.168.1.50:8000"), ("fe80::1", "http://[fe80::1]:8000"),
+    ("localhost", "http://localhost:8000"),
+])
+def test_local_url(listen, url):
+    assert local_url(listen, 8000) == url
+
+
+def test_check_command_carries_no_key(monkeypatch):
+    monkeypatch.setenv("K", "s3cret")
+    rig, errors = load_rig("r", {
+        "engines": {"e": {"kind": "llama.cpp", "ref": "b1", "cuda": False}},
+        "models": {"m": {"repo": "o/m", "revision": "main", "files": ["m.gguf"]}},
+        "profiles": {"p": {"model": "m", "engine": "e", "port": 9000, "api_key_env": "K",
+                           "health_timeout_s": 60, "warmup_requests": 2}}})
+    assert errors == []
+    assert check_command(rig, "p") == [
+        "/opt/llm-garage/bin/garage-server-check", "--unit", "llama-server-p.service",
+        "--url", "http://127.0.0.1:9000", "--alias", "p", "--timeout", "60", "--warmup", "2",
+        "--key-file", "/etc/llm-garage/llama-server-p.key"]
+
+
+# --- the check script against a stand-in llama-server --------------------------------------
+
+class StandIn(http.server.BaseHTTPRequestHandler):
+    ready_after = 2  # /health answers 503 this many times first
+    key = None
+    alias = "tiny"
+    health_calls = 0
+    chats: list = []
+
+    def _send(self, status, body):
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _authorized(self):
+        return self.key is None or self.headers.get("Authorization") == f"Bearer {self.key}"
+
+    def do_GET(self):
+        cls = type(self)
+        if self.path == "/health":
+            cls.health_calls += 1
+            if cls.ready_after is None or cls.health_calls <= cls.ready_after:
+                return self._send(503, {"error": {"message": "Loading model"}})
+            return self._send(200, {"status": "ok"})
+        if self.path == "/v1/models":
+            if not self._authorized():
+                return self._send(401, {"error": "Invalid API Key"})
+            return self._send(200, {"object": "list", "data": [{"id": cls.alias}]})
+        self._send(404, {})
+
+    def do_POST(self):
+        length = int(self.headers.get("Content-Length", 0))
+        body = json.loads(self.rfile.read(length))
+        if not self._authorized():
+            return self._send(401, {"error": "Invalid API Key"})
+        type(self).chats.append(body)
+        self._send(200, {"choices": [{"message": {"role": "assistant", "content": "hi"}}]})
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def stand_in():
+    handler = type("Handler", (StandIn,), {"health_calls": 0, "chats": []})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield handler, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def check(url, *extra, timeout="20"):
+    argv = [sys.executable, str(CHECK_SCRIPT), "--unit", "llama-server-t.service", "--url", url,
+            "--alias", "tiny", "--timeout", timeout, *extra]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60)
+
+
+def test_check_waits_for_health_then_lists_and_warms_up(stand_in, tmp_path):
+    handler, url = stand_in
+    handler.key = "k-123"
+    key_file = tmp_path / "key"
+    key_file.write_text("\nk-123\n")
+    out = check(url, "--warmup", "2", "--key-file", str(key_file))
+    assert out.returncode == 0, out.stderr
+    assert handler.health_calls == 3
+    assert [c["model"] for c in handler.chats] == ["tiny", "tiny"]
+    assert "healthy after" in out.stdout and "k-123" not in out.stdout + out.stderr
+
+
+def test_check_fails_with_the_journal_when_never_ready(stand_in):
+    handler, url = stand_in
+    handler.ready_after = None
+    out = check(url, timeout="2")
+    assert out.returncode == 1
+    assert "/health did not answer 200 within 2 s (last: 503 (model loading)" in out.stderr
+    assert "--- last 40 lines of journalctl -u llama-server-t.service ---" in out.stderr
+
+
+def test_check_fails_when_the_alias_is_missing_or_the_key_wrong(stand_in, tmp_path):
+    handler, url = stand_in
+    handler.ready_after = 0
+    handler.alias = "other"
+    out = check(url)
+    assert out.returncode == 1 and "does not list 'tiny' (it lists other)" in out.stderr
+    handler.alias = "tiny"
+    handler.key = "right"
+    key_file = tmp_path / "key"
+    key_file.write_text("wrong\n")
+    out = check(url, "--key-file", str(key_file))
+    assert out.returncode == 1 and "GET /v1/models answered 401" in out.stderr
+    assert "wrong" not in out.stderr
+
+
+def test_check_fails_fast_when_nothing_listens():
+    out = check("http://127.0.0.1:9", timeout="1")
+    assert out.returncode == 1 and "last: no answer" in out.stderr
