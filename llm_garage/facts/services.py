@@ -72,6 +72,10 @@ class UnitPresence(FactBase):
     """`{"active": bool, "enabled": bool, "present": [paths that exist]}` for a unit and the
     files that belong to it."""
 
+    @staticmethod
+    def default():
+        return {"active": False, "enabled": False, "present": []}
+
     def command(self, service: str, paths: list[str]):
         q = shlex.quote
         checks = " ".join(q(p) for p in paths)

@@ -442,3 +442,11 @@ def test_check_fails_when_the_alias_is_missing_or_the_key_wrong(stand_in, tmp_pa
 def test_check_fails_fast_when_nothing_listens():
     out = check("http://127.0.0.1:9", timeout="1")
     assert out.returncode == 1 and "last: no answer" in out.stderr
+
+
+def test_facts_without_output_have_usable_defaults():
+    """pyinfra gives a fact its default when the command prints nothing."""
+    assert UnitPresence.default() == {"active": False, "enabled": False, "present": []}
+    assert GarageUnits.default() == []
+    out = sh(UnitPresence().command("no-such-unit.service", ["/nonexistent/x"]))
+    assert out.stdout == ""  # so the default above is what the operation sees
