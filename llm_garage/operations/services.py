@@ -8,7 +8,14 @@ from collections.abc import Sequence
 from io import StringIO
 
 from pyinfra import host
-from pyinfra.api import FileUploadCommand, QuoteString, StringCommand, operation
+from pyinfra.api import (
+    FileUploadCommand,
+    FunctionCommand,
+    QuoteString,
+    StringCommand,
+    operation,
+)
+from pyinfra.api.arguments import CONNECTOR_ARGUMENT_KEYS
 from pyinfra.api.operation import OperationMeta
 from pyinfra.facts.files import Sha256File
 
@@ -68,6 +75,15 @@ def secret_file(path: str, content: str, directory_mode: str = "700"):
     yield from private_upload(content, path)
 
 
+def _run_check(state, host, command: StringCommand) -> bool:
+    """Run the check with its output shown live: a big model loads for minutes, and the
+    journal tail it prints on failure is what the user needs to see."""
+    arguments = host.current_op_global_arguments or {}
+    kwargs = {key: arguments[key] for key in CONNECTOR_ARGUMENT_KEYS if key in arguments}
+    status, _output = host.run_shell_command(command, print_output=True, **kwargs)
+    return bool(status)
+
+
 @operation()
 def restarted_on_change(service: str, stamp: str, unit_file: str, key_file: str | None,
                         engine_link: str, binary: str, model: str, check: list[str],
@@ -116,7 +132,7 @@ def restarted_on_change(service: str, stamp: str, unit_file: str, key_file: str 
     if not host.state.is_executing:
         host.log(f"{service}: (re)start because " + "; ".join(reasons))
     yield StringCommand("systemctl", "restart", "--", QuoteString(service))
-    yield StringCommand(*[QuoteString(a) for a in check])
+    yield FunctionCommand(_run_check, (StringCommand(*[QuoteString(a) for a in check]),), {})
     directory = posixpath.dirname(stamp)
     yield StringCommand("sh", "-c", QuoteString(
         f'umask 077 && mkdir -p "$1" && {{ {digest}; }} > "$2.tmp" && mv -f "$2.tmp" "$2"'),

@@ -13,7 +13,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from pyinfra.api import FileUploadCommand, StringCommand
+from pyinfra.api import FileUploadCommand, FunctionCommand, StringCommand
 from pyinfra.context import ctx_host
 
 from llm_garage import units
@@ -226,7 +226,9 @@ def test_restart_then_check_then_stamp(state, changed, executing, reason):
                             executing=executing, **SERVICE_ARGS, changed=changed)
     restart, check, stamp = raw(commands)
     assert restart == "systemctl restart -- llama-server-p.service"
-    assert check == "/opt/g/bin/garage-server-check --unit llama-server-p.service"
+    assert isinstance(check, FunctionCommand)  # run with its output shown live
+    assert check.args[0].get_raw_value() == (
+        "/opt/g/bin/garage-server-check --unit llama-server-p.service")
     assert stamp.startswith("sh -c ") and stamp.endswith(
         " - /opt/g/state/services /opt/g/state/services/p.inputs")
     if not executing:
@@ -412,7 +414,7 @@ def test_check_waits_for_health_then_lists_and_warms_up(stand_in, tmp_path):
     assert out.returncode == 0, out.stderr
     assert handler.health_calls == 3
     assert [c["model"] for c in handler.chats] == ["tiny", "tiny"]
-    assert "healthy after" in out.stdout and "k-123" not in out.stdout + out.stderr
+    assert "healthy after" in out.stderr and "k-123" not in out.stdout + out.stderr
 
 
 def test_check_fails_with_the_journal_when_never_ready(stand_in):
