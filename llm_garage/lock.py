@@ -21,8 +21,10 @@ across the inventory: two hosts giving one name different settings cannot be loc
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
+import sys
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -50,18 +52,36 @@ def lock_path_for(inventory: str | os.PathLike) -> Path:
 
 
 def inventory_of_run() -> Path | None:
-    """The inventory file of the running pyinfra CLI command, or None (API use, host lists)."""
-    try:
-        import click
-    except ImportError:  # pragma: no cover - pyinfra depends on click
-        return None
+    """The inventory file of the running pyinfra CLI command, or None (API use, host lists).
+
+    The click context of the command when it is at hand; else (pyinfra runs deploy files in
+    greenlets, which do not see it) the command line parsed by the pyinfra command itself."""
+    import click
+
     ctx = click.get_current_context(silent=True)
     while ctx is not None and ctx.parent is not None:
         ctx = ctx.parent
-    value = ctx.params.get("inventory") if ctx is not None else None
+    if ctx is not None:
+        value = ctx.params.get("inventory")
+    else:
+        value = _inventory_argument(tuple(sys.argv[1:]))
     if isinstance(value, str) and Path(value).is_file():
         return Path(value)
     return None
+
+
+@functools.lru_cache(maxsize=4)
+def _inventory_argument(argv: tuple[str, ...]) -> str | None:
+    import pyinfra
+
+    command = sys.modules.get("pyinfra_cli.cli")  # loaded when the pyinfra CLI runs
+    if not getattr(pyinfra, "is_cli", False) or command is None:
+        return None
+    try:
+        ctx = command.cli.make_context("pyinfra", list(argv), resilient_parsing=True)
+    except Exception:  # not pyinfra's command line after all
+        return None
+    return ctx.params.get("inventory")
 
 
 # --- the lock data ------------------------------------------------------------------------------

@@ -17,8 +17,10 @@ import dataclasses
 import weakref
 from pathlib import Path
 
+import gevent.lock
 from pyinfra import host, logger
 from pyinfra.api import deploy
+from pyinfra.api.exceptions import DeployError
 from pyinfra.api.operation import OperationMeta
 from pyinfra.operations import files
 
@@ -44,30 +46,42 @@ def fetcher_path(rig: Rig) -> str:
 
 
 _PINS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# pyinfra prepares hosts in parallel greenlets: the first one resolves, the others wait for it
+_PINS_LOCK = gevent.lock.RLock()
 
 
 def pins_for(state) -> dict[tuple[str, str], hf.Resolved]:
     """(host, model name) -> pinned files for every host of this run, computed once per run:
     from the lock when the inventory has one, else through the Hugging Face API."""
-    if state not in _PINS:
-        rigs = fleet_for(state)
-        limit = getattr(state, "limit_hosts", None)
-        if isinstance(limit, list):
-            names = {h.name for h in limit}
-            rigs = {name: rig for name, rig in rigs.items() if name in names}
-        inventory = lock.inventory_of_run()
-        path = lock.lock_path_for(inventory) if inventory else None
+    with _PINS_LOCK:
+        if state not in _PINS:
+            _PINS[state] = _pins(state)
+    if isinstance(_PINS[state], Exception):
+        raise _PINS[state]
+    return _PINS[state]
+
+
+def _pins(state) -> dict[tuple[str, str], hf.Resolved] | Exception:
+    rigs = fleet_for(state)
+    limit = getattr(state, "limit_hosts", None)
+    if isinstance(limit, list):
+        names = {h.name for h in limit}
+        rigs = {name: rig for name, rig in rigs.items() if name in names}
+    inventory = lock.inventory_of_run()
+    path = lock.lock_path_for(inventory) if inventory else None
+    try:
         the_lock = lock.Lock.load(path, inventory) if path and path.exists() else None
         resolver_for = None if hf.offline() else lock.resolvers()
         pinned = lock.pins(rigs, the_lock, resolver_for, inventory)
-        if the_lock is None and pinned:
-            where = f" at {path}" if path else ""
-            how = (f"`llm-garage lock {inventory}`" if inventory
-                   else "`llm-garage lock <inventory file>`")
-            logger.warning(f"--> Models resolved through the Hugging Face API (no lock{where}); "
-                           f"run {how} to pin them")
-        _PINS[state] = pinned
-    return _PINS[state]
+    except DeployError as e:
+        return e  # every host's prepare raises the same error, asked once
+    if the_lock is None and pinned:
+        where = f" at {path}" if path else ""
+        how = (f"`llm-garage lock {inventory}`" if inventory
+               else "`llm-garage lock <inventory file>`")
+        logger.warning(f"--> Models resolved through the Hugging Face API (no lock{where}); "
+                       f"run {how} to pin them")
+    return pinned
 
 
 def file_specs(rig: Rig, resolved: hf.Resolved) -> list[dict]:

@@ -70,6 +70,18 @@ def test_lock_inventory_of_run_comes_from_the_pyinfra_command_line(tmp_path, mon
     fake_pyinfra.main(["rig1,rig2", "deploy.py"], standalone_mode=False)
     assert seen == [Path("garage.py"), None]
     assert lock.inventory_of_run() is None  # no CLI at all
+    # pyinfra runs deploy files in greenlets that do not see the click context: the command
+    # line is parsed the way pyinfra parses it (in a child: pyinfra_cli patches the process)
+    probe = ("import sys, pyinfra, pyinfra_cli.cli; from llm_garage import lock; "
+             "pyinfra.is_cli = True; sys.argv = sys.argv[1:]; print(lock.inventory_of_run())")
+    for argv, expected in (
+            (["pyinfra", "-y", "--data", "x=1", "--limit", "rig1", "-vv", "garage.py",
+              "deploy.py"], "garage.py"),
+            (["pyinfra", "rig1,rig2", "deploy.py"], "None")):
+        out = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True,
+                             text=True, cwd=tmp_path, timeout=60,
+                             env={**os.environ, "PYTHONPATH": str(REPO)})
+        assert out.stdout.strip() == expected, out.stderr
 
 
 def test_lock_round_trip_is_exact_and_stable(hub, tmp_path):
