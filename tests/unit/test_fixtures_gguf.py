@@ -1,0 +1,69 @@
+"""Generated GGUF files are valid, split like gguf-split, and padded to exact sizes."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from gguf import GGUFReader
+
+from tests.fixtures.gguf_gen import (
+    CHATML_TEMPLATE,
+    read_metadata,
+    write_padded_model,
+    write_split_model,
+    write_tiny_model,
+)
+
+
+def test_fixture_gguf_tiny_model_is_a_llama(tmp_path):
+    path = write_tiny_model(tmp_path / "tiny.gguf")
+    meta = read_metadata(path)
+    assert path.read_bytes()[:4] == b"GGUF"
+    assert meta["general.architecture"] == "llama"
+    assert meta["llama.block_count"] == 2
+    assert meta["tokenizer.ggml.model"] == "gpt2"
+    assert meta["tokenizer.chat_template"] == CHATML_TEMPLATE
+    assert meta["llama.vocab_size"] == 320
+    assert path.stat().st_size < 1_000_000
+    reader = GGUFReader(path)
+    tokens = reader.fields["tokenizer.ggml.tokens"]
+    assert len(tokens.data) == 320
+    names = {t.name: t for t in reader.tensors}
+    assert "blk.1.ffn_down.weight" in names and "output.weight" in names
+    assert [int(x) for x in names["token_embd.weight"].shape] == [64, 320]
+    assert [int(x) for x in names["blk.0.attn_k.weight"].shape] == [64, 32]
+    assert np.isfinite(names["output.weight"].data).all()
+
+
+def test_fixture_gguf_seed_changes_content(tmp_path):
+    a = write_tiny_model(tmp_path / "a.gguf", seed=1).read_bytes()
+    b = write_tiny_model(tmp_path / "b.gguf", seed=1).read_bytes()
+    c = write_tiny_model(tmp_path / "c.gguf", seed=2).read_bytes()
+    assert a == b and a != c
+
+
+@pytest.mark.parametrize("n_shards", [2, 3, 5])
+def test_fixture_gguf_split_model(tmp_path, n_shards):
+    shards = write_split_model(tmp_path, "Tiny-Q8_0", n_shards)
+    assert [p.name for p in shards] == [f"Tiny-Q8_0-{i:05d}-of-{n_shards:05d}.gguf"
+                                        for i in range(1, n_shards + 1)]
+    metas = [read_metadata(p) for p in shards]
+    assert [m["split.no"] for m in metas] == list(range(n_shards))
+    assert {m["split.count"] for m in metas} == {n_shards}
+    total = metas[0]["split.tensors.count"]
+    assert sum(m["tensor_count"] for m in metas) == total
+    assert metas[0]["general.architecture"] == "llama"
+    assert "general.architecture" not in metas[1]
+
+
+def test_fixture_gguf_padded_model_is_exact_and_fast(tmp_path):
+    started = time.monotonic()
+    path = write_padded_model(tmp_path / "big.gguf", 3 * 1024**3 + 7)
+    assert time.monotonic() - started < 5
+    assert path.stat().st_size == 3 * 1024**3 + 7
+    assert path.stat().st_blocks * 512 < 64 * 1024**2  # sparse where the filesystem allows
+    assert read_metadata(path)["general.architecture"] == "llama"
+    with pytest.raises(ValueError):
+        write_padded_model(tmp_path / "small.gguf", 1000)
