@@ -40,7 +40,7 @@ HOST_STATUS_RE = re.compile(
     r"^\s*\[(?P<host>[^\]]+)\]\s+(?P<status>Success|No changes|Error)(?P<rest>.*)$"
 )
 CONNECT_FAIL_RE = re.compile(r"^\s*\[(?P<host>[^\]]+)\]\s+Could not connect")
-PYINFRA_ERROR_RE = re.compile(r"^--> pyinfra error: (?P<msg>.*)$")
+PYINFRA_ERROR_RE = re.compile(r"^--> pyinfra error(?: in .+? line \d+)?: (?P<msg>.*)$")
 TABLE_HEADER_RE = re.compile(r"^(?P<indent>\s*)Operation\s+Hosts\s+Success\s+Error\s+No Change\s*$")
 TABLE_COLUMNS = ("Hosts", "Success", "Error", "No Change")
 
