@@ -584,8 +584,9 @@ def run_deploy(state_file: Path, logfile: Path, show_all: bool, verbose: bool) -
 
 
 def deploy_failed(result: PyinfraResult, logfile: Path) -> SandboxError:
-    tail = result.output_tail(4000)
-    return SandboxError(f"the deploy failed (log: {logfile}):\n{tail}")
+    lines = ANSI_RE.sub("", result.stdout).rstrip().splitlines()
+    tail = "\n".join(lines[-40:])
+    return SandboxError(f"the deploy failed; the end of its log ({logfile}):\n{tail}")
 
 
 def chat(url: str, alias: str, prompt: str, timeout: float = 300) -> str:
@@ -824,6 +825,9 @@ def main(argv: list[str] | None = None) -> int:
         return {"up": cmd_up, "down": cmd_down, "status": cmd_status}[args.cmd](args)
     except (SandboxError, harness.RigError) as e:
         print(f"\nsandbox: {e}", file=sys.stderr)
+        if args.cmd == "up" and state_path(sandbox_name()).exists():
+            print("\nThe sandbox stays up so that you can look (./scripts/sandbox status); "
+                  "./scripts/sandbox down removes it.", file=sys.stderr)
         return 1
 
 

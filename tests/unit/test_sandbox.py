@@ -216,3 +216,46 @@ def test_real_engine_defaults_to_upstream_at_a_tag():
 def test_options_for_real_need_real():
     with pytest.raises(SystemExit):
         sandbox.main(["up", "--ref", "b1"])
+
+
+PYINFRA_TEXT = """\
+--> Loading config...
+--> Loading inventory...
+--> Connecting to hosts...
+    [sandbox] Connected
+
+--> Beginning operation run...
+--> Starting operation: Base | Install base tools
+    [sandbox] No changes
+
+--> Starting operation: Services | Unit llama-server-tiny.service
+    [sandbox] Success
+
+--> Results:
+    Operation                                   Hosts   Success   Error   No Change
+    Base | Install base tools                   1       -         -       1
+    Services | Unit llama-server-tiny.service   1       1         -       -
+    Grand total                                 2       1         -       1
+
+--> Disconnecting from hosts...
+"""
+
+
+@pytest.mark.parametrize("show_all", [True, False])
+def test_run_deploy_prints_one_line_per_operation_and_reads_the_results(
+        tmp_path, monkeypatch, capsys, show_all):
+    fake = tmp_path / "pyinfra"
+    fake.write_text(f"#!/bin/sh\necho \"$GARAGE_SANDBOX_STATE\" >&2\ncat <<'EOF'\n"
+                    f"{PYINFRA_TEXT}EOF\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(sandbox, "pyinfra_bin", lambda: fake)
+    logfile = tmp_path / "deploy.log"
+    result = sandbox.run_deploy(tmp_path / "state.json", logfile, show_all=show_all,
+                                verbose=False)
+    out = capsys.readouterr().out
+    assert result.ok and result.changed == 1
+    assert result.changes() == {"sandbox": ["Services | Unit llama-server-tiny.service"]}
+    assert "    Services | Unit llama-server-tiny.service ... changed\n" in out
+    assert ("    Base | Install base tools ... ok\n" in out) is show_all
+    assert "Grand total" not in out
+    assert logfile.read_text().startswith(str(tmp_path / "state.json"))
