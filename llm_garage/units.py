@@ -144,7 +144,9 @@ def llama_unit_context(rig: Rig, profile: str, model_path: str) -> dict:
         "alias": rig.alias(profile),
         "port": p.port,
         "after": ["network-online.target", *power],
-        "wants": ["network-online.target", *power],
+        # Ordered after the GPU unit, without pulling it in: it runs once at boot (both are
+        # wanted by multi-user.target); a restart here must not set the GPUs again.
+        "wants": ["network-online.target"],
         "user": rig.data.service_user,
         "exec_start": exec_line([rig.server_binary(p.engine),
                                  *rig.server_args(profile, model_path)])

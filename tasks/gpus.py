@@ -8,8 +8,9 @@ from pyinfra.facts.server import Which
 from pyinfra.operations import files, systemd
 
 from llm_garage import units
+from llm_garage.facts.gpu import GpuTable
 from llm_garage.operations import gpu, services
-from llm_garage.operations.gpu import GpuSettingsError
+from llm_garage.operations.gpu import GpuSettingsError, plan_power
 from llm_garage.settings import Rig
 
 
@@ -29,6 +30,10 @@ def converge(rig: Rig) -> None:
         raise GpuSettingsError(f"host {rig.name!r}: gpu_count is {d.gpu_count} but nvidia-smi "
                                "is not installed (install the NVIDIA driver first)")
     limits = rig.power_limits()
+    # Checked now, while the deploy is prepared: a bad limit or GPU count stops the run before
+    # any operation runs on any host (the operation decides again when it runs).
+    plan_power(rig.name, d.gpu_count, limits, d.gpu_persistence_mode,
+               host.get_fact(GpuTable))
     gpu.power_settings(
         name="GPU persistence mode and power limits",
         gpu_count=d.gpu_count,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from pyinfra import host
-from pyinfra.api import StringCommand, operation
+from pyinfra.api import QuoteString, StringCommand, operation
 from pyinfra.api.exceptions import DeployError
 
 from llm_garage.facts.gpu import Gpu, GpuTable
@@ -84,7 +84,9 @@ def power_settings(gpu_count: int, limits: list[float] | None = None, persistenc
     + nvidia_smi: path of nvidia-smi on the rig
 
     Every limit is checked against the GPU's own min and max before anything is set; a
-    limit outside them raises GpuSettingsError. Each correction is reported as drift.
+    limit outside them raises GpuSettingsError (``tasks/gpus.py`` checks the same while the
+    deploy is prepared, so that a run with ``-y`` stops before any host changes). Each
+    correction is reported as drift.
 
     **Example:**
 
@@ -93,13 +95,19 @@ def power_settings(gpu_count: int, limits: list[float] | None = None, persistenc
         gpu.power_settings(name="GPU power", gpu_count=6, limits=[350.0] * 6)
     """
     table = host.get_fact(GpuTable)
-    changes = plan_power(host.name, gpu_count, limits, persistence, table)
+    try:
+        changes = plan_power(host.name, gpu_count, limits, persistence, table)
+    except GpuSettingsError as e:
+        if not host.state.is_executing:
+            raise  # while preparing: stop the run before anything is set anywhere
+        yield StringCommand("echo", QuoteString(str(e)), ">&2;", "exit", "1")
+        return
     if not changes:
         host.noop("GPU persistence mode and power limits already as configured")
         return
     for change in changes:
-        if not host.state.is_executing:  # the body runs again at execute time: say it once
-            host.log(f"drift: {change.note}")
+        host.log(f"drift: {change.note}")
+    for change in changes:
         if change.what == "pm":
             yield StringCommand(nvidia_smi, "-pm", change.value)
         else:

@@ -49,7 +49,7 @@ def config_merged(path: str, providers: Mapping[str, dict], prefix: str, owner: 
             message = f"{real}: {e}; fix it (opencode would refuse it too), then run again"
             yield StringCommand("echo", QuoteString(message), ">&2;", "exit", "1")
             return
-        if had_comments and not host.state.is_executing:
+        if had_comments:
             host.log(f"{real} has comments: they are not kept when it is rewritten "
                      f"(the original is kept as {real}{opencode.BACKUP_SUFFIX} the first time)")
     if existing is None and not providers:

@@ -129,8 +129,7 @@ def restarted_on_change(service: str, stamp: str, unit_file: str, key_file: str 
     if not reasons:
         host.noop(f"{service} is running with the inputs it was proven with")
         return
-    if not host.state.is_executing:
-        host.log(f"{service}: (re)start because " + "; ".join(reasons))
+    host.log(f"{service}: (re)start because " + "; ".join(reasons))
     yield StringCommand("systemctl", "restart", "--", QuoteString(service))
     yield FunctionCommand(_run_check, (StringCommand(*[QuoteString(a) for a in check]),), {})
     directory = posixpath.dirname(stamp)

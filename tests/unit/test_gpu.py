@@ -172,3 +172,14 @@ def test_operation_refuses_before_yielding_anything():
     fake = FakeHost([gpu(0), gpu(1)])
     with ctx_host.use(fake), pytest.raises(GpuSettingsError):
         next(gpu_ops.power_settings._inner(gpu_count=2, limits=[350.0, 351.0]))
+
+
+def test_operation_fails_the_host_instead_of_raising_while_running():
+    """Settings checked at prepare time can meet other GPUs when the operation runs."""
+    fake = FakeHost([gpu(0)])
+    fake.state = type("Executing", (), {"is_executing": True})()
+    with ctx_host.use(fake):
+        commands = list(gpu_ops.power_settings._inner(gpu_count=2, limits=[350.0, 350.0]))
+    assert [c.get_raw_value() for c in commands] == [
+        "echo 'host '\"'\"'garage'\"'\"': gpu_count is 2 but nvidia-smi lists 1 GPU(s) "
+        "(0: RTX 3090); set gpu_count to what the rig has' >&2; exit 1"]

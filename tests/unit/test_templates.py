@@ -136,7 +136,7 @@ def test_garage_unit_layout(fleet):
     assert lines[0].startswith(units.GENERATED_MARKER)
     for expected in [
         "After=network-online.target llm-garage-gpu-power.service",
-        "Wants=network-online.target llm-garage-gpu-power.service",
+        "Wants=network-online.target",
         "Type=exec", "User=llama", 'Environment="CUDA_DEVICE_ORDER=PCI_BUS_ID"',
         "Restart=on-failure", "RestartSec=10", "StartLimitBurst=5",
         "NoNewPrivileges=yes", "ProtectSystem=strict", "ProtectHome=yes", "PrivateTmp=yes",
