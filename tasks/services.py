@@ -62,8 +62,10 @@ def converge(rig: Rig, engines: Mapping[str, Sequence[OperationMeta]],
         raise DeployError(f"host {rig.name!r}: no model files for profile(s) "
                           + ", ".join(missing))
 
-    files.put(name="Server check script", src=str(CHECK_SCRIPT), dest=check_script_path(rig),
-              user="root", group="root", mode="755")
+    if enabled:
+        files.put(name="Server check script", src=str(CHECK_SCRIPT),
+                  dest=check_script_path(rig), add_deploy_dir=False, user="root",
+                  group="root", mode="755")
 
     pruned = services.stale_units_removed(
         name="Stop and remove services of disabled or removed profiles",
@@ -80,11 +82,11 @@ def converge(rig: Rig, engines: Mapping[str, Sequence[OperationMeta]],
         p = rig.profiles[profile]
         service = rig.service_name(profile)
         key_file = units.key_file_path(rig, profile)
-        if p.api_key_env:
-            services.secret_file(name=f"API key of {service}", path=key_file,
-                                 content=os.environ[p.api_key_env] + "\n")
-        else:
-            files.file(name=f"No API key file for {service}", path=key_file, present=False)
+        # One operation per profile either way: pyinfra orders operations across hosts by
+        # where they are called, so every host must call the same ones in the same order.
+        services.secret_file(
+            name=f"API key of {service}", path=key_file,
+            content=os.environ[p.api_key_env] + "\n" if p.api_key_env else None)
         unit_ops.append(files.put(
             name=f"Unit {service}",
             src=StringIO(units.llama_unit(rig, profile, models[p.model].path)),

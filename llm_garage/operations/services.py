@@ -44,12 +44,13 @@ def private_upload(content: str, dest: str):
 
 
 @operation()
-def secret_file(path: str, content: str, directory_mode: str = "700"):
+def secret_file(path: str, content: str | None, directory_mode: str = "700"):
     """
     Write a file only root can read (0600, in a 0700 folder), without ever showing it.
 
     + path: the file on the rig
-    + content: what it must hold (compared by sha256 on the rig; never printed or diffed)
+    + content: what it must hold (compared by sha256 on the rig; never printed or diffed);
+      None: the file must not exist
     + directory_mode: mode of the folder holding it
 
     Unlike ``files.put``, ``--diff`` prints nothing of the content, and the file exists with
@@ -62,8 +63,14 @@ def secret_file(path: str, content: str, directory_mode: str = "700"):
 
         services.secret_file(name="API key", path="/etc/llm-garage/x.key", content=key)
     """
-    want = hashlib.sha256(content.encode()).hexdigest()
     have = host.get_fact(Sha256File, path=path)
+    if content is None:
+        if have is None:
+            host.noop(f"no {path}")
+            return
+        yield StringCommand("rm", "-f", "--", QuoteString(path))
+        return
+    want = hashlib.sha256(content.encode()).hexdigest()
     if have == want:
         host.noop(f"{path} is up to date")
         return

@@ -17,37 +17,9 @@ from llm_garage.cli import load_inventory
 from llm_garage.fleet import load_fleet
 from llm_garage.operations import opencode as opencode_ops
 from llm_garage.settings import check_fleet, load_rig
+from tests.opencode_cli import opencode_models
 
 REPO = Path(__file__).resolve().parents[2]
-OPENCODE_VERSION = "1.18.33"
-OPENCODE_CACHE_BIN = REPO / ".cache" / "opencode" / "node_modules" / ".bin" / "opencode"
-
-
-def opencode_bin() -> str:
-    """The real opencode CLI: $OPENCODE_BIN, else the copy scripts/setup installs. Missing, the
-    test fails under CI (CI=true) and is skipped elsewhere."""
-    path = os.environ.get("OPENCODE_BIN") or str(OPENCODE_CACHE_BIN)
-    if Path(path).exists() and os.access(path, os.X_OK):
-        return path
-    reason = (f"opencode CLI not found at {path}: run scripts/setup (npm install "
-              f"opencode-ai@{OPENCODE_VERSION}) or set OPENCODE_BIN")
-    if os.environ.get("CI"):
-        pytest.fail(reason)
-    pytest.skip(reason)
-
-
-def opencode_models(config: dict, tmp_path: Path) -> list[str]:
-    """`opencode models` with `config` as the user's global opencode.json."""
-    home = tmp_path / "home"
-    (home / ".config" / "opencode").mkdir(parents=True, exist_ok=True)
-    (home / ".config" / "opencode" / "opencode.json").write_text(opencode.dumps(config))
-    env = {"HOME": str(home), "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-           "OPENCODE_DISABLE_AUTOUPDATE": "1", "GARAGE_TEST_KEY": "x"}
-    proc = subprocess.run([opencode_bin(), "models"], capture_output=True, text=True, env=env,
-                          timeout=180)
-    assert proc.returncode == 0 and "invalid" not in proc.stdout + proc.stderr, (
-        proc.stdout + proc.stderr)
-    return proc.stdout.split()
 
 
 @pytest.fixture(scope="module")

@@ -452,3 +452,12 @@ def test_facts_without_output_have_usable_defaults():
     assert GarageUnits.default() == []
     out = sh(UnitPresence().command("no-such-unit.service", ["/nonexistent/x"]))
     assert out.stdout == ""  # so the default above is what the operation sees
+
+
+def test_secret_file_absent():
+    commands, _ = run_op(ops.secret_file, {"Sha256File": "0" * 64}, path="/etc/llm-garage/a.key",
+                         content=None)
+    assert raw(commands) == ["rm -f -- /etc/llm-garage/a.key"]
+    commands, fake = run_op(ops.secret_file, {"Sha256File": None}, path="/etc/llm-garage/a.key",
+                            content=None)
+    assert commands == [] and fake.noops == ["no /etc/llm-garage/a.key"]
