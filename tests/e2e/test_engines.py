@@ -11,6 +11,16 @@ from pathlib import Path
 import pytest
 
 from llm_garage.settings import flags_hash, load_rig
+from tests.e2e.serving import (
+    controller_env,
+    engine,
+    make_engine_repo,
+    make_hub,
+    profile,
+    rig_data,
+    service,
+    starts,
+)
 from tests.fakes import fake_gpu_files
 from tests.fixtures.engine_repo import GitDaemon, build_engine_repo
 
@@ -270,3 +280,42 @@ def test_moved_tag_refused(start_rigs, write_inventory, converge, pyinfra_run, r
         assert current(rig) == before
     finally:
         shutil.rmtree(Path(moved).parent)
+
+
+def test_failed_build_keeps_the_service_and_rollback_restarts_it_once(
+        fleet, start_rigs, write_inventory, converge, pyinfra_run, tmp_path):
+    repo = make_engine_repo(tmp_path / "git")  # b3 does not compile; b6 and b8 build
+    unit = "llama-server-a.service"
+    (rig,) = start_rigs("garage")
+    env = controller_env(tmp_path)
+    with GitDaemon(tmp_path / "git", bind_ip=fleet.host_ip) as git, \
+            make_hub(fleet.host_ip, tmp_path / "hub") as hub:
+
+        def inventory(ref):
+            host = rig_data(hub, git.url, {"a": profile(8081)},
+                            engines={"llama": engine(git.url, ref)})
+            return write_inventory({"garage": host}, name=f"inventory-{ref}.py")
+
+        converge(inventory("b6"), env=env)
+        key6 = current(rig)
+        running = service(rig, unit)
+        assert running["ActiveState"] == "active" and starts(rig, unit) == 1
+
+        failed = pyinfra_run(inventory("b3"), env=env, expect_ok=False)
+        assert not failed.ok and "garage-build: building llama at" in failed.stderr
+        assert current(rig) == key6
+        assert service(rig, unit) == running and starts(rig, unit) == 1
+
+        converge(inventory("b8"), env=env)
+        assert service(rig, unit)["MainPID"] != running["MainPID"]
+        assert starts(rig, unit) == 2
+        log6 = mtime(rig, f"{BUILDS}/llama/{key6}/build.log")
+
+        first, _ = converge(inventory("b6"), env=env)  # rollback: no compile, one restart
+        assert current(rig) == key6
+        assert mtime(rig, f"{BUILDS}/llama/{key6}/build.log") == log6
+        assert starts(rig, unit) == 3
+        version = sh(rig, f"{BUILDS}/llama/current/bin/llama-server --version 2>&1")
+        assert f"version: 6 ({repo.short(repo.tags['b6'])})" in version
+        assert any(op.startswith("Engines | Build llama b6")
+                   for op in first.hosts["garage"].no_change_ops)
