@@ -359,11 +359,15 @@ class RigData:
                                         check=is_abs_path)
     opencode_owner: str = setting("root", doc="user owning opencode.json", type="str",
                                   check=is_str(r"[a-z_][a-z0-9_-]{0,31}", "a Unix user name"))
-    opencode_provider: str = setting("llm-garage", doc="provider key in opencode.json; only "
-                                                       "this provider is rewritten", type="str",
+    opencode_provider: str = setting("llm-garage", doc="prefix of our provider keys in "
+                                                       "opencode.json, one provider per served "
+                                                       "endpoint: <prefix>-<rig>-<port>; only "
+                                                       "keys <prefix> and <prefix>-* are "
+                                                       "rewritten", type="str",
                                      check=is_str(r"[\w.-]+", "a provider id"))
-    opencode_provider_name: str = setting("llm-garage", doc="provider display name", type="str",
-                                          check=is_str(accepts="text"))
+    opencode_provider_name: str = setting("llm-garage", doc="provider display name, shown as "
+                                                            "'<name> (<rig>:<port>)'",
+                                          type="str", check=is_str(accepts="text"))
     opencode_output_limit: int = setting(32768, doc="default limit.output for every model "
                                                     "(tokens)", type="int", check=is_int(1))
     opencode_output_limits: dict[str, int] = setting(
