@@ -53,7 +53,7 @@ class GitRemoteRefs(FactBase):
 
     Returns `{"refs": {refname: sha}, "error": None}`, with the peeled `refs/tags/<ref>^{}`
     entry for annotated tags, or `{"refs": {}, "error": "<git's message>"}` when the remote
-    cannot be read; `None` when git is not installed.
+    cannot be read (or does not answer within two minutes); `None` when git is not installed.
     """
 
     def requires_command(self, *args, **kwargs) -> str:
@@ -61,7 +61,7 @@ class GitRemoteRefs(FactBase):
 
     def command(self, remote: str, ref: str):
         return StringCommand(
-            "GIT_TERMINAL_PROMPT=0", "git", "ls-remote", QuoteString(remote),
+            "GIT_TERMINAL_PROMPT=0", "timeout", "120", "git", "ls-remote", QuoteString(remote),
             QuoteString(f"refs/tags/{ref}"), QuoteString(f"refs/tags/{ref}^{{}}"),
             QuoteString(f"refs/heads/{ref}"), "2>&1;", "echo", "exit=$?",
         )
@@ -70,6 +70,8 @@ class GitRemoteRefs(FactBase):
         lines, status = _split_exit(output)
         if status:
             text = " ".join(line.strip() for line in lines if line.strip())
+            if status == 124:
+                text = (text + " " if text else "") + "(no answer within 120 s)"
             return {"refs": {}, "error": text or f"git ls-remote exited {status}"}
         return {"refs": parse_ls_remote(lines), "error": None}
 

@@ -67,12 +67,14 @@ def test_ls_remote_failure_keeps_gits_message():
     info = GitRemoteRefs().process(out)
     assert info["refs"] == {}
     assert "Connection refused" in info["error"] and info["error"].startswith("fatal:")
+    assert GitRemoteRefs().process(["exit=124"])["error"] == "(no answer within 120 s)"
+    assert GitRemoteRefs().process(["fatal: x", "exit=2"])["error"] == "fatal: x"
 
 
 def test_ls_remote_command_quotes_the_ref():
     cmd = GitRemoteRefs().command(remote="git://h/x y.git", ref="b1")
     text = cmd.get_raw_value()
-    assert "'git://h/x y.git'" in text
+    assert "timeout 120 git ls-remote 'git://h/x y.git'" in text
     assert "'refs/tags/b1^{}'" in text and "refs/heads/b1" in text
 
 
