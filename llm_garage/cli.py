@@ -6,11 +6,13 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .fleet import SettingsError, load_fleet
-from .hf import HfError, Spec, human_size
-from .lock import Lock, LockError, lock_path_for, relock, resolvers
 from .settings import Rig
+
+if TYPE_CHECKING:  # imported where used: requests must load after pyinfra's gevent patching
+    from .lock import Lock
 
 
 def load_inventory(path: str):
@@ -73,6 +75,8 @@ def plan_lines(rig: Rig, locked: Lock | None = None) -> list[str]:
 def model_lock_lines(name: str, model, locked: Lock | None) -> list[str]:
     if locked is None:
         return []
+    from .hf import Spec, human_size
+
     pinned = locked.models.get(name)
     if pinned is None or pinned.spec != Spec.of(model):
         what = "is not in the lock" if pinned is None else "differs from the lock"
@@ -83,6 +87,8 @@ def model_lock_lines(name: str, model, locked: Lock | None) -> list[str]:
 
 def cmd_check(args) -> int:
     inventory = load_inventory(args.inventory)
+    from .lock import Lock, LockError, lock_path_for
+
     try:
         rigs = load_fleet(inventory)
         path = lock_path_for(args.inventory)
@@ -99,6 +105,9 @@ def cmd_check(args) -> int:
 
 def cmd_lock(args) -> int:
     inventory = load_inventory(args.inventory)
+    from .hf import HfError
+    from .lock import LockError, lock_path_for, relock, resolvers
+
     path = lock_path_for(args.inventory)
     # --update absent: keep unchanged pins; --update alone: all; --update a b: those
     update = () if args.update is None else (args.update or None)
