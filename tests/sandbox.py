@@ -589,13 +589,13 @@ def deploy_failed(result: PyinfraResult, logfile: Path) -> SandboxError:
     return SandboxError(f"the deploy failed; the end of its log ({logfile}):\n{tail}")
 
 
+def chat_request(alias: str, prompt: str) -> dict:
+    return {"model": alias, "messages": [{"role": "user", "content": prompt}], "max_tokens": 48}
+
+
 def chat(url: str, alias: str, prompt: str, timeout: float = 300) -> str:
     """One chat completion; returns the answer's text."""
-    body = json.dumps({
-        "model": alias,
-        "messages": [{"role": "user", "content": prompt}],
-        "max_tokens": 48,
-    }).encode()
+    body = json.dumps(chat_request(alias, prompt)).encode()
     deadline = time.monotonic() + 30
     while True:
         request = urllib.request.Request(f"{url}/chat/completions", data=body,
@@ -653,6 +653,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             reach = f"./scripts/rigs ssh --name {name} {RIG}"
         else:
             out.step(f"Sandbox VM `{VAGRANT_MACHINE}` (Vagrant, Debian 12, {VAGRANT_IP})")
+            vagrant("--version")
             work.mkdir(parents=True, exist_ok=True)
             (work / VAGRANT_MARKER).write_text(name + "\n")
             out.line("$ vagrant up " + VAGRANT_MACHINE)
@@ -693,8 +694,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         out.step("The served model answers on its port")
         url = f"http://{rig_ip}:{SERVE_PORT}/v1"
         prompt = "Hello! Which model are you?"
-        request = json.dumps({"model": model["alias"],
-                              "messages": [{"role": "user", "content": prompt}]})
+        request = json.dumps(chat_request(model["alias"], prompt))
         out.line(f"$ curl -s {url}/chat/completions -H 'Content-Type: application/json' "
                  f"-d {shlex.quote(request)}")
         answer = chat(url, model["alias"], prompt)
@@ -754,8 +754,11 @@ def cmd_down(args: argparse.Namespace) -> int:
                 harness._kill_pid(pid, grace=5.0)
                 did.append(f"stopped leftover pid {pid}")
         if state.get("mode") == "vagrant" or (work / VAGRANT_MARKER).exists():
-            vagrant("destroy", "-f", VAGRANT_MACHINE)
-            did.append(f"destroyed Vagrant VM {VAGRANT_MACHINE}")
+            if shutil.which("vagrant"):
+                vagrant("destroy", "-f", VAGRANT_MACHINE)
+                did.append(f"destroyed Vagrant VM {VAGRANT_MACHINE}")
+            else:
+                did.append("Vagrant is not installed: no VM to destroy")
             shutil.rmtree(work, ignore_errors=True)
         elif any(entry["name"] == name for entry in harness.list_fleets()):
             harness.Fleet.attach(name).teardown()
