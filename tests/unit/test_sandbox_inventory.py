@@ -1,4 +1,4 @@
-"""The sandbox's inventory and the runner's pure parts (state, options, Vagrant's SSH data)."""
+"""The sandbox: its inventory and the runner's pure parts (state, options, SSH data, output)."""
 
 from __future__ import annotations
 
