@@ -102,7 +102,8 @@ def restarted_on_change(service: str, stamp: str, unit_file: str, key_file: str 
     + stamp: file recording the inputs the service was last proven healthy with
     + unit_file, key_file, engine_link, binary, model: its inputs (see
       ``facts.services.inputs_digest_command``)
-    + check: the command proving the service (health, /v1/models, warm-up)
+    + check: the command restarting (given ``--restart``) and proving the service (health,
+      /v1/models, warm-up), ``garage-server-check``
     + changed: operations of this run whose change also means a restart
 
     Restarts (a first start counts) when the inputs differ from the stamp, when the unit is
@@ -137,8 +138,10 @@ def restarted_on_change(service: str, stamp: str, unit_file: str, key_file: str 
         host.noop(f"{service} is running with the inputs it was proven with")
         return
     host.log(f"{service}: (re)start because " + "; ".join(reasons))
-    yield StringCommand("systemctl", "restart", "--", QuoteString(service))
-    yield FunctionCommand(_run_check, (StringCommand(*[QuoteString(a) for a in check]),), {})
+    # The check restarts the unit itself, so that a unit that does not even start also gets
+    # its journal printed.
+    yield FunctionCommand(_run_check,
+                          (StringCommand(*[QuoteString(a) for a in [*check, "--restart"]]),), {})
     directory = posixpath.dirname(stamp)
     yield StringCommand("sh", "-c", QuoteString(
         f'umask 077 && mkdir -p "$1" && {{ {digest}; }} > "$2.tmp" && mv -f "$2.tmp" "$2"'),

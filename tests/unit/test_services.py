@@ -224,11 +224,10 @@ def test_no_restart_when_running_with_the_proven_inputs():
 def test_restart_then_check_then_stamp(state, changed, executing, reason):
     commands, fake = run_op(ops.restarted_on_change, service_state(**state),
                             executing=executing, **SERVICE_ARGS, changed=changed)
-    restart, check, stamp = raw(commands)
-    assert restart == "systemctl restart -- llama-server-p.service"
+    check, stamp = raw(commands)
     assert isinstance(check, FunctionCommand)  # run with its output shown live
     assert check.args[0].get_raw_value() == (
-        "/opt/g/bin/garage-server-check --unit llama-server-p.service")
+        "/opt/g/bin/garage-server-check --unit llama-server-p.service --restart")
     assert stamp.startswith("sh -c ") and stamp.endswith(
         " - /opt/g/state/services /opt/g/state/services/p.inputs")
     if not executing:
@@ -241,7 +240,7 @@ def test_stamp_command_writes_the_digest(inputs):
                 unit_file=paths["unit"], key_file=paths["key_file"],
                 engine_link=paths["engine_link"], binary=paths["binary"], model=paths["model"])
     commands, _ = run_op(ops.restarted_on_change, service_state(stamp=None), **args)
-    out = subprocess.run(raw(commands)[2], shell=True, capture_output=True, text=True)
+    out = subprocess.run(raw(commands)[1], shell=True, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     stamp = tmp / "state/services/p.inputs"
     assert stamp.read_text().strip() == digest(paths)
@@ -439,6 +438,24 @@ def test_check_fails_when_the_alias_is_missing_or_the_key_wrong(stand_in, tmp_pa
     out = check(url, "--key-file", str(key_file))
     assert out.returncode == 1 and "GET /v1/models answered 401" in out.stderr
     assert "wrong" not in out.stderr
+
+
+def test_check_restart_failure_prints_the_journal(stand_in, tmp_path):
+    """--restart runs systemctl first; here a stand-in systemctl that refuses."""
+    _, url = stand_in
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool, text in (("systemctl", "echo 'Job for x failed.' >&2; exit 1"),
+                       ("journalctl", "echo 'x: status=226/NAMESPACE'")):
+        (bin_dir / tool).write_text(f"#!/bin/sh\n{text}\n")
+        (bin_dir / tool).chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}")
+    argv = [sys.executable, str(CHECK_SCRIPT), "--unit", "x.service", "--url", url, "--alias",
+            "tiny", "--timeout", "5", "--restart"]
+    out = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 1
+    assert "x.service: systemctl restart failed: Job for x failed." in out.stderr
+    assert "x: status=226/NAMESPACE" in out.stderr
 
 
 def test_check_fails_fast_when_nothing_listens():
