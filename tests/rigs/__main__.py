@@ -1,9 +1,9 @@
 """Test rigs for people: ``python -m tests.rigs up|down|status|ssh`` (or ``scripts/rigs``).
 
-    up [--name sandbox] [--rigs N]   boot N rigs (rig1..rigN) that stay up until `down`
-    down [--name sandbox]            stop them and remove everything they used
-    status                           list fleets and their rigs
-    ssh RIG [--name sandbox] [CMD]   log in to a rig as root (or run CMD there)
+    up [--name rigs] [--rigs N]    boot N rigs (rig1..rigN) that stay up until `down`
+    down [--name rigs]             stop them and remove everything they used
+    status                         list fleets and their rigs
+    ssh [--name rigs] RIG [CMD]    log in to a rig as root (or run CMD there)
 
 `up` writes a pyinfra inventory for the rigs into the fleet's directory and prints its path.
 """
@@ -17,7 +17,7 @@ import sys
 
 from tests.rigs import harness
 
-DEFAULT_NAME = "sandbox"
+DEFAULT_NAME = "rigs"
 
 
 def _up(args: argparse.Namespace) -> int:
@@ -33,8 +33,9 @@ def _up(args: argparse.Namespace) -> int:
         print(f"  {rig.name:<10} {rig.ip}")
     print(f"inventory: {inventory}")
     print(
-        f"ssh:       scripts/rigs ssh {rigs[0].name}"
-        + ("" if args.name == DEFAULT_NAME else f" --name {args.name}")
+        "ssh:       scripts/rigs ssh "
+        + ("" if args.name == DEFAULT_NAME else f"--name {args.name} ")
+        + rigs[0].name
     )
     print(f"pyinfra:   .venv/bin/pyinfra {inventory} deploy.py")
     return 0
