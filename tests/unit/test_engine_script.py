@@ -31,8 +31,14 @@ target_compile_definitions(llama-server PRIVATE BUILD_NUMBER=${N} BUILD_COMMIT="
 """
 MAIN = """#include <stdio.h>
 int ggml(void);
-int main(void) { fprintf(stderr, "version: %d (%s)\\nbuilt with cc\\n", BUILD_NUMBER,
-                 BUILD_COMMIT); return ggml() ? 0 : 1; }
+int main(void) {
+#ifdef SEMVER_STYLE  /* what later llama.cpp prints */
+    fprintf(stderr, "version: 0.5.0-dev (build %d, commit %s)\\n", BUILD_NUMBER, BUILD_COMMIT);
+#else
+    fprintf(stderr, "version: %d (%s)\\nbuilt with cc\\n", BUILD_NUMBER, BUILD_COMMIT);
+#endif
+    return ggml() ? 0 : 1;
+}
 """
 GGML = "int ggml(void) { return %d; }\n"
 
@@ -163,6 +169,13 @@ def test_version_check_catches_a_wrong_commit(garage):
     assert "during: verify llama-server --version" in proc.stderr
     assert f"does not report commit {commit}" in proc.stderr
     assert not (build_dir / "stamp").exists()
+
+
+def test_version_check_reads_the_later_version_format(garage):
+    proc, build_dir, commit = garage.build("b2", cmake_args=["-DCMAKE_C_FLAGS=-DSEMVER_STYLE"])
+    assert proc.returncode == 0, proc.stderr
+    assert f"version: 0.5.0-dev (build 2, commit {commit[:7]}" in version(build_dir)
+    assert stamp(build_dir)["version"].startswith("version: 0.5.0-dev (build 2, commit ")
 
 
 def test_commit_pin_fetched_by_sha_and_unknown_commit(garage):
