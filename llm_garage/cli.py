@@ -67,8 +67,8 @@ def plan_lines(rig: Rig, locked: Lock | None = None) -> list[str]:
         model_path = f"{rig.model_dir(p.model)}/<first file of {p.model}>"
         out.append("    " + rig.server_command(name, model_path))
     if d.opencode_client:
-        out.append(f"  opencode.json: {d.opencode_config_path} "
-                   f"(provider {d.opencode_provider})")
+        out.append(f"  opencode.json: {d.opencode_config_path} (providers "
+                   f"{d.opencode_provider}-<rig>-<port>, one per served endpoint)")
     return out
 
 

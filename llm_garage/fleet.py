@@ -7,7 +7,7 @@ import weakref
 from pyinfra.api.exceptions import DeployError
 
 from .schema import SettingError
-from .settings import Rig, check_fleet, load_rig, raw_host_data
+from .settings import Rig, load_rig, raw_host_data
 
 
 class SettingsError(DeployError):
@@ -30,8 +30,6 @@ def load_fleet(hosts) -> dict[str, Rig]:
         errors += host_errors
         if rig is not None:
             rigs[host.name] = rig
-    if not errors:
-        errors += check_fleet(rigs)
     if errors:
         raise SettingsError(errors)
     return rigs

@@ -601,19 +601,3 @@ def _cross_check(rig: Rig, errors: list[SettingError], defined: set[str]) -> Non
                 err(f"{where}.port", f"port {p.port} is already used by enabled profile "
                                      f"{ports[p.port]!r}", "a free port, or enabled: false")
             ports[p.port] = name
-
-
-def check_fleet(rigs: Mapping[str, Rig]) -> list[SettingError]:
-    """Checks across hosts: opencode model keys (aliases) must be unique in the fleet."""
-    errors = []
-    seen: dict[str, str] = {}
-    for rig in rigs.values():
-        for profile in sorted(rig.enabled_profiles):
-            alias = rig.alias(profile)
-            if alias in seen and seen[alias] != rig.name:
-                errors.append(SettingError(
-                    rig.name, f"profiles.{profile}.alias",
-                    f"alias {alias!r} is also served by host {seen[alias]!r}; opencode needs "
-                    "one id per model", "a distinct alias"))
-            seen.setdefault(alias, rig.name)
-    return errors
