@@ -9,8 +9,6 @@ from tests.e2e.serving import (
     controller_env,
     gpu_state,
     install_fake_gpus,
-    make_engine_repo,
-    make_hub,
     nvidia_calls,
     profile,
     rig_data,
@@ -19,30 +17,10 @@ from tests.e2e.serving import (
     sh,
     verify_units,
 )
-from tests.fixtures.engine_repo import GitDaemon
 
 pytestmark = pytest.mark.e2e
 
 POWER = "llm-garage-gpu-power.service"
-
-
-@pytest.fixture(scope="module")
-def repos(tmp_path_factory):
-    base = tmp_path_factory.mktemp("engines")
-    return base, make_engine_repo(base)
-
-
-@pytest.fixture
-def git_url(fleet, repos):
-    base, _ = repos
-    with GitDaemon(base, bind_ip=fleet.host_ip) as daemon:
-        yield daemon.url
-
-
-@pytest.fixture
-def hub(fleet, tmp_path):
-    with make_hub(fleet.host_ip, tmp_path / "hub") as server:
-        yield server
 
 
 def two_rigs(hub, git_url, garage_limit=(300, 280, 350), epyc_limit=450):

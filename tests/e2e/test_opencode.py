@@ -12,13 +12,10 @@ from tests.e2e.serving import (
     API_KEY,
     API_KEY_ENV,
     controller_env,
-    make_engine_repo,
-    make_hub,
     profile,
     rig_data,
     sh,
 )
-from tests.fixtures.engine_repo import GitDaemon
 from tests.opencode_cli import opencode_models
 
 pytestmark = pytest.mark.e2e
@@ -39,25 +36,6 @@ USER_FILE = """{
   },
 }
 """
-
-
-@pytest.fixture(scope="module")
-def repos(tmp_path_factory):
-    base = tmp_path_factory.mktemp("engines")
-    return base, make_engine_repo(base)
-
-
-@pytest.fixture
-def git_url(fleet, repos):
-    base, _ = repos
-    with GitDaemon(base, bind_ip=fleet.host_ip) as daemon:
-        yield daemon.url
-
-
-@pytest.fixture
-def hub(fleet, tmp_path):
-    with make_hub(fleet.host_ip, tmp_path / "hub") as server:
-        yield server
 
 
 def test_opencode_json_merged_accepted_and_working(

@@ -12,8 +12,6 @@ from tests.e2e.serving import (
     chat,
     controller_env,
     engine,
-    make_engine_repo,
-    make_hub,
     profile,
     rig_data,
     served_ids,
@@ -22,30 +20,10 @@ from tests.e2e.serving import (
     starts,
     verify_units,
 )
-from tests.fixtures.engine_repo import GitDaemon
 
 pytestmark = pytest.mark.e2e
 
 A, B, C = "llama-server-a.service", "llama-server-b.service", "llama-server-c.service"
-
-
-@pytest.fixture(scope="module")
-def repos(tmp_path_factory):
-    base = tmp_path_factory.mktemp("engines")
-    return base, make_engine_repo(base)
-
-
-@pytest.fixture
-def git_url(fleet, repos):
-    base, _ = repos
-    with GitDaemon(base, bind_ip=fleet.host_ip) as daemon:
-        yield daemon.url
-
-
-@pytest.fixture
-def hub(fleet, tmp_path):
-    with make_hub(fleet.host_ip, tmp_path / "hub") as server:
-        yield server
 
 
 def test_two_profiles_converge_then_restart_only_what_changed(
