@@ -4,7 +4,6 @@ real opencode CLI (npm opencode-ai, see opencode_bin below)."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
@@ -13,8 +12,6 @@ from pyinfra.api import FileUploadCommand, StringCommand
 from pyinfra.context import ctx_host
 
 from llm_garage import opencode
-from llm_garage.cli import load_inventory
-from llm_garage.fleet import load_fleet
 from llm_garage.operations import opencode as opencode_ops
 from llm_garage.settings import load_rig
 from tests.opencode_cli import opencode_models
@@ -22,14 +19,9 @@ from tests.opencode_cli import opencode_models
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def garage():
-    cwd = os.getcwd()
-    os.chdir(REPO)
-    try:
-        return load_fleet(load_inventory("inventory/garage.py"))
-    finally:
-        os.chdir(cwd)
+@pytest.fixture
+def garage(garage_fleet):
+    return garage_fleet
 
 
 def rig(name, profiles, **data):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -10,23 +9,11 @@ from pathlib import Path
 import pytest
 
 from llm_garage import units
-from llm_garage.cli import load_inventory
-from llm_garage.fleet import load_fleet
 from llm_garage.settings import load_rig
 
 REPO = Path(__file__).resolve().parents[2]
 GARAGE_MODEL = ("/srv/models/qwen3.5-122b-q6/UD-Q6_K_XL/"
                 "Qwen3.5-122B-A10B-UD-Q6_K_XL-00001-of-00004.gguf")
-
-
-@pytest.fixture(scope="module")
-def fleet():
-    cwd = os.getcwd()
-    os.chdir(REPO)
-    try:
-        return load_fleet(load_inventory("inventory/garage.py"))
-    finally:
-        os.chdir(cwd)
 
 
 def rig(**data):
@@ -120,8 +107,8 @@ def test_environment_word_doubles_only_percent():
 
 # --- the reference rigs --------------------------------------------------------------------
 
-def test_garage_qwen122_exec_start(fleet):
-    text = units.llama_unit(fleet["garage"], "qwen122", GARAGE_MODEL)
+def test_garage_qwen122_exec_start(garage_fleet):
+    text = units.llama_unit(garage_fleet["garage"], "qwen122", GARAGE_MODEL)
     exec_start = [line for line in text.splitlines() if line.startswith("ExecStart=")]
     assert exec_start == [
         "ExecStart=/opt/llm-garage/builds/llama/current/bin/llama-server"
@@ -131,8 +118,8 @@ def test_garage_qwen122_exec_start(fleet):
     ]
 
 
-def test_garage_unit_layout(fleet):
-    lines = units.llama_unit(fleet["garage"], "qwen122", GARAGE_MODEL).splitlines()
+def test_garage_unit_layout(garage_fleet):
+    lines = units.llama_unit(garage_fleet["garage"], "qwen122", GARAGE_MODEL).splitlines()
     assert lines[0].startswith(units.GENERATED_MARKER)
     for expected in [
         "After=network-online.target llm-garage-gpu-power.service",
@@ -151,8 +138,8 @@ def test_garage_unit_layout(fleet):
         assert absent not in text
 
 
-def test_gpu_power_unit_of_the_garage(fleet):
-    text = units.gpu_power_unit(fleet["garage"], "/usr/bin/nvidia-smi")
+def test_gpu_power_unit_of_the_garage(garage_fleet):
+    text = units.gpu_power_unit(garage_fleet["garage"], "/usr/bin/nvidia-smi")
     lines = text.splitlines()
     assert "After=nvidia-persistenced.service" in lines
     assert "Before=llama-server-qwen122.service" in lines  # qwen397 is disabled
@@ -206,13 +193,13 @@ def test_model_outside_its_model_dir_is_read_only_too():
                                       "-/data/elsewhere"]
 
 
-def test_rendering_is_deterministic(fleet):
-    a = units.llama_unit(fleet["epyc"], "qwen397", "/srv/models/x/a.gguf")
-    b = units.llama_unit(fleet["epyc"], "qwen397", "/srv/models/x/a.gguf")
+def test_rendering_is_deterministic(garage_fleet):
+    a = units.llama_unit(garage_fleet["epyc"], "qwen397", "/srv/models/x/a.gguf")
+    b = units.llama_unit(garage_fleet["epyc"], "qwen397", "/srv/models/x/a.gguf")
     assert a == b
 
 
-def test_units_pass_systemd_analyze_verify(fleet, tmp_path, monkeypatch):
+def test_units_pass_systemd_analyze_verify(garage_fleet, tmp_path, monkeypatch):
     """systemd's own parser accepts the units (the binaries they name must exist, so the
     garage root and model folder are moved under tmp_path)."""
     analyze = shutil.which("systemd-analyze")
