@@ -140,6 +140,11 @@ def _run(
     return proc
 
 
+def _ssh_keygen(path: Path, comment: str) -> None:
+    """A new ed25519 key pair without passphrase at `path` (and `path`.pub)."""
+    _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)])
+
+
 def _cache_dir() -> Path:
     return Path(os.environ.get("GARAGE_RIG_CACHE") or DEFAULT_CACHE_DIR)
 
@@ -764,20 +769,7 @@ class Fleet:
             self.dir.mkdir(parents=True, exist_ok=True)
             (self.dir / ".garage-fleet").write_text(self.name + "\n")
             (self.dir / "rigs").mkdir(exist_ok=True)
-            _run(
-                [
-                    "ssh-keygen",
-                    "-q",
-                    "-t",
-                    "ed25519",
-                    "-N",
-                    "",
-                    "-C",
-                    f"llm-garage-rigs {self.name}",
-                    "-f",
-                    str(self.ssh_key_path),
-                ]
-            )
+            _ssh_keygen(self.ssh_key_path, f"llm-garage-rigs {self.name}")
             _run(["ip", "link", "add", self.bridge, "type", "bridge"])
             _run(["ip", "addr", "add", f"{self.host_ip}/24", "dev", self.bridge])
             _run(["ip", "link", "set", self.bridge, "up"])
@@ -917,20 +909,7 @@ class Fleet:
         ssh_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         pub = Path(f"{self.ssh_key_path}.pub").read_text()
         write("/root/.ssh/authorized_keys", pub, 0o600)
-        _run(
-            [
-                "ssh-keygen",
-                "-q",
-                "-t",
-                "ed25519",
-                "-N",
-                "",
-                "-C",
-                f"root@{rig.name}",
-                "-f",
-                str(root / "etc/ssh/ssh_host_ed25519_key"),
-            ]
-        )
+        _ssh_keygen(root / "etc/ssh/ssh_host_ed25519_key", f"root@{rig.name}")
 
     def _boot(self, rig: Rig, timeout: float = BOOT_TIMEOUT, mounted: bool = False) -> None:
         if not mounted:
