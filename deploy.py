@@ -1,7 +1,8 @@
 """Converge one rig: `pyinfra inventory/garage.py deploy.py`.
 
 Settings of every host are validated before any operation is added (llm_garage.fleet);
-each task then reads only its host's validated `Rig`."""
+each task then reads only its host's validated `Rig`, plans from the rig's facts
+(llm_garage/plans/) and calls our operations."""
 
 from pyinfra import host
 
@@ -11,8 +12,8 @@ from tasks import base, engines, gpus, models, opencode, services
 rig = rig_for(host)
 
 base.prepare(rig)
-built = engines.converge(rig)
-fetched = models.converge(rig)
+engine_changes = engines.converge(rig)
+model_plans, model_changes = models.converge(rig)
 gpus.converge(rig)
-services.converge(rig, engines=built, models=fetched)
+services.converge(rig, model_plans, engine_changes, model_changes)
 opencode.converge(rig, fleet_for(host.state))

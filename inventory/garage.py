@@ -5,6 +5,12 @@
 #
 # Every setting, its default and its meaning: README.md, "Settings reference".
 
+from pathlib import Path
+
+# Every model pinned to a commit and exact files by `llm-garage lock inventory/garage.py`;
+# every host of the run names the same lock.
+COMMON = {"models_lock": str(Path(__file__).with_name("garage.lock.json"))}
+
 # Models are described once and shared by the rigs that serve them.
 QWEN_122B_Q6 = {
     "repo": "unsloth/Qwen3.5-122B-A10B-GGUF",
@@ -44,6 +50,7 @@ garage = [
         {
             "ssh_hostname": "192.168.1.50",
             "ssh_user": "root",
+            **COMMON,
             "gpu_count": 6,
             "gpu_power_limit_w": 350,
             "engines": {
@@ -85,6 +92,7 @@ epyc = [
         {
             "ssh_hostname": "192.168.1.51",
             "ssh_user": "root",
+            **COMMON,
             "gpu_count": 1,
             "engines": {
                 "ik": {

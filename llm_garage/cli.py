@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .fleet import SettingsError, load_fleet
+from .layout import service_name
 from .settings import Rig
 
 if TYPE_CHECKING:  # imported where used: requests must load after pyinfra's gevent patching
@@ -54,17 +55,18 @@ def plan_lines(rig: Rig, locked: Lock | None = None) -> list[str]:
         if e.cuda and arches is None:
             flags["CMAKE_CUDA_ARCHITECTURES"] = "<auto: from nvidia-smi compute_cap>"
         out.append("    cmake " + " ".join(f"-D{k}={v}" for k, v in flags.items()))
-        out.append(f"    builds in {rig.engine_builds_dir(name)}/<commit>-<flags>, "
+        out.append(f"    builds in {rig.layout.engine_builds_dir(name)}/<commit>-<flags>, "
                    f"-j {e.build_jobs}, keeps {e.keep_builds}")
     for name, m in sorted(rig.models.items()):
         kind, value = m.selector()
-        out.append(f"  model {name}: {m.repo}@{m.revision} {kind}={value} -> {rig.model_dir(name)}")
+        out.append(f"  model {name}: {m.repo}@{m.revision} {kind}={value} -> "
+                   f"{rig.layout.model_dir(name)}")
         out += model_lock_lines(name, m, locked)
     for name, p in sorted(rig.profiles.items()):
         state = "enabled" if p.enabled else "disabled"
-        out.append(f"  profile {name} ({state}) as {rig.service_name(name)}, "
+        out.append(f"  profile {name} ({state}) as {service_name(name)}, "
                    f"http://{rig.address}:{p.port}/v1 model {rig.alias(name)}")
-        model_path = f"{rig.model_dir(p.model)}/<first file of {p.model}>"
+        model_path = f"{rig.layout.model_dir(p.model)}/<first file of {p.model}>"
         out.append("    " + rig.server_command(name, model_path))
     if d.opencode_client:
         out.append(f"  opencode.json: {d.opencode_config_path} (providers "
@@ -87,12 +89,12 @@ def model_lock_lines(name: str, model, locked: Lock | None) -> list[str]:
 
 def cmd_check(args) -> int:
     inventory = load_inventory(args.inventory)
-    from .lock import Lock, LockError, lock_path_for
+    from .lock import Lock, LockError, lock_path_of
 
     try:
         rigs = load_fleet(inventory)
-        path = lock_path_for(args.inventory)
-        locked = Lock.load(path, args.inventory) if path.exists() else None
+        path = lock_path_of(rigs)
+        locked = Lock.load(path, args.inventory) if path and path.exists() else None
     except (SettingsError, LockError) as e:
         print(f"llm-garage: {args.inventory}: {e}", file=sys.stderr)
         return 1
@@ -106,13 +108,17 @@ def cmd_check(args) -> int:
 def cmd_lock(args) -> int:
     inventory = load_inventory(args.inventory)
     from .hf import HfError
-    from .lock import LockError, lock_path_for, relock, resolvers
+    from .lock import LockError, lock_path_of, relock, resolvers
 
-    path = lock_path_for(args.inventory)
     # --update absent: keep unchanged pins; --update alone: all; --update a b: those
     update = () if args.update is None else (args.update or None)
     try:
         rigs = load_fleet(inventory)
+        path = lock_path_of(rigs)
+        if path is None:
+            raise LockError("no host sets models_lock, so there is no lock to write; set it "
+                            "on every host, e.g. models_lock: "
+                            f"{str(Path(args.inventory).with_suffix('')) + '.lock.json'}")
         new, changes, dropped = relock(rigs, path, resolvers(), update=update,
                                        inventory=args.inventory)
     except (SettingsError, LockError, HfError) as e:
@@ -135,8 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("inventory", help="pyinfra inventory file, e.g. inventory/garage.py")
     check.set_defaults(func=cmd_check)
     lock = sub.add_parser("lock", help="pin every model of an inventory (Hugging Face commit, "
-                                       "files, sizes, sha256) in <inventory>.lock.json next to "
-                                       "it; deploys then use the lock and not the API")
+                                       "files, sizes, sha256) in the file the "
+                                       "models_lock setting names; deploys then use the "
+                                       "lock and not the API")
     lock.add_argument("inventory", help="pyinfra inventory file, e.g. inventory/garage.py")
     lock.add_argument("--update", nargs="*", metavar="MODEL",
                       help="re-resolve these models (all when none is named), e.g. to follow "

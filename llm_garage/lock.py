@@ -1,10 +1,9 @@
 """The lock file: every model of an inventory pinned to a commit and exact files.
 
-Where: next to the inventory file, named after it: `inventory/garage.py` ->
-`inventory/garage.lock.json`. `llm-garage lock inventory/garage.py` writes it; a deploy
-(`pyinfra inventory/garage.py deploy.py`) finds it from the inventory argument of the pyinfra
-command line (the CLI's click context), relative to the working directory after `--chdir`.
-An inventory given as a host list or a Python module has no lock.
+Where: the `models_lock` setting names it (the example inventories put it next to themselves:
+`inventory/garage.py` -> `inventory/garage.lock.json`); every host of a run names the same
+file. `llm-garage lock inventory/garage.py` writes it, `llm-garage check` and deploys read it.
+Without the setting there is no lock.
 
 What a deploy does with it:
 - lock present: every model comes from the lock and Hugging Face is not asked (reproducible,
@@ -21,10 +20,8 @@ across the inventory: two hosts giving one name different settings cannot be loc
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
-import sys
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -44,44 +41,19 @@ class LockError(DeployError):
     """A lock that cannot be used as it is; the message says how to fix it."""
 
 
-def lock_path_for(inventory: str | os.PathLike) -> Path:
-    """`inventory/garage.py` -> `inventory/garage.lock.json`."""
-    p = Path(inventory)
-    stem = p.name[: -len(p.suffix)] if p.suffix else p.name
-    return p.with_name(f"{stem}.lock.json")
-
-
-def inventory_of_run() -> Path | None:
-    """The inventory file of the running pyinfra CLI command, or None (API use, host lists).
-
-    The click context of the command when it is at hand; else (pyinfra runs deploy files in
-    greenlets, which do not see it) the command line parsed by the pyinfra command itself."""
-    import click
-
-    ctx = click.get_current_context(silent=True)
-    while ctx is not None and ctx.parent is not None:
-        ctx = ctx.parent
-    if ctx is not None:
-        value = ctx.params.get("inventory")
-    else:
-        value = _inventory_argument(tuple(sys.argv[1:]))
-    if isinstance(value, str) and Path(value).is_file():
-        return Path(value)
-    return None
-
-
-@functools.lru_cache(maxsize=4)
-def _inventory_argument(argv: tuple[str, ...]) -> str | None:
-    import pyinfra
-
-    command = sys.modules.get("pyinfra_cli.cli")  # loaded when the pyinfra CLI runs
-    if not getattr(pyinfra, "is_cli", False) or command is None:
-        return None
-    try:
-        ctx = command.cli.make_context("pyinfra", list(argv), resilient_parsing=True)
-    except Exception:  # not pyinfra's command line after all
-        return None
-    return ctx.params.get("inventory")
+def lock_path_of(rigs: Mapping[str, Rig] | Iterable[Rig]) -> Path | None:
+    """The lock the hosts' `models_lock` setting names; None when none names one. Raises
+    LockError when hosts name different files (one lock pins one run)."""
+    rigs = list(rigs.values()) if isinstance(rigs, Mapping) else list(rigs)
+    named = {rig.data.models_lock for rig in rigs if rig.data.models_lock}
+    if len(named) > 1:
+        raise LockError("hosts name different lock files in models_lock: "
+                        + ", ".join(sorted(named)) + "; every host of a run must name the same")
+    if named and any(not rig.data.models_lock for rig in rigs if rig.models):
+        unset = sorted(rig.name for rig in rigs if rig.models and not rig.data.models_lock)
+        raise LockError(f"models_lock is set on some hosts but not on {', '.join(unset)}; "
+                        "set it on every host (the same file)")
+    return Path(named.pop()) if named else None
 
 
 # --- the lock data ------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ command line) are computed here so that templates never compute."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -15,6 +16,7 @@ import shlex
 from collections.abc import Mapping
 from typing import Any
 
+from .layout import Layout
 from .schema import (
     Invalid,
     SettingError,
@@ -333,6 +335,13 @@ class RigData:
                                                 "downloads; empty = $HF_ENDPOINT, else "
                                                 "https://huggingface.co", type="str",
                                       check=optional(is_str(r"https?://[^\s]+", "an http(s) URL")))
+    models_lock: str | None = setting(None, doc="the lock file pinning every model to a commit "
+                                                "and exact files (written by `llm-garage lock`; "
+                                                "deploys then never ask Hugging Face); every "
+                                                "host of a run names the same file; a relative "
+                                                "path is read from the folder pyinfra runs in; "
+                                                "empty = no lock", type="path",
+                                      check=optional(is_str(r"[^\s].*", "a file path")))
     models_prune: bool = setting(False, doc="delete model folders under models_dir that no "
                                             "model names any more", type="bool", check=is_bool)
     models_verify: bool = setting(False, doc="re-hash every model file this run instead of "
@@ -390,34 +399,16 @@ class Rig:
     models: dict[str, Model]
     profiles: dict[str, Profile]
 
-    # --- paths on the rig ---
-    @property
-    def state_dir(self) -> str:
-        return f"{self.data.garage_root}/state"
-
-    def engine_source_dir(self, engine: str) -> str:
-        return f"{self.data.garage_root}/src/{engine}"
-
-    def engine_builds_dir(self, engine: str) -> str:
-        return f"{self.data.garage_root}/builds/{engine}"
-
-    def engine_current(self, engine: str) -> str:
-        return f"{self.engine_builds_dir(engine)}/current"
-
-    def server_binary(self, engine: str) -> str:
-        return f"{self.engine_current(engine)}/bin/llama-server"
-
-    @property
-    def ccache_dir(self) -> str:
-        return f"{self.data.garage_root}/ccache"
+    @functools.cached_property
+    def layout(self) -> Layout:
+        """Every path on this rig."""
+        return Layout(garage_root=self.data.garage_root, models_dir=self.data.models_dir,
+                      model_dirs={name: m.dir for name, m in self.models.items()})
 
     @property
     def hf_endpoint(self) -> str:
         endpoint = self.data.hf_endpoint or os.environ.get("HF_ENDPOINT") or DEFAULT_HF_ENDPOINT
         return endpoint.rstrip("/")
-
-    def model_dir(self, model: str) -> str:
-        return self.models[model].dir or f"{self.data.models_dir}/{model}"
 
     @property
     def enabled_profiles(self) -> dict[str, Profile]:
@@ -425,9 +416,6 @@ class Rig:
 
     def alias(self, profile: str) -> str:
         return self.profiles[profile].alias or profile
-
-    def service_name(self, profile: str) -> str:
-        return f"llama-server-{profile}.service"
 
     def power_limits(self) -> list[float] | None:
         """Power limit per GPU index, or None to leave limits alone."""
@@ -463,7 +451,8 @@ class Rig:
 
     def server_command(self, profile: str, model_path: str) -> str:
         p = self.profiles[profile]
-        return shlex.join([self.server_binary(p.engine), *self.server_args(profile, model_path)])
+        return shlex.join([self.layout.server_binary(p.engine),
+                           *self.server_args(profile, model_path)])
 
 
 def _num(value) -> str:

@@ -1,6 +1,6 @@
 """GPU persistence mode and power limits: set now where they drift, re-applied at every boot."""
 
-from io import StringIO
+from pathlib import Path
 
 from pyinfra import host
 from pyinfra.api import deploy
@@ -9,20 +9,23 @@ from pyinfra.operations import files, systemd
 
 from llm_garage import units
 from llm_garage.facts.gpu import GpuTable
+from llm_garage.layout import GPU_POWER_UNIT, unit_path
 from llm_garage.operations import gpu, services
 from llm_garage.operations.gpu import GpuSettingsError, plan_power
 from llm_garage.settings import Rig
+
+UNIT_TEMPLATE = str(Path(__file__).resolve().parent.parent / "templates"
+                    / "llm-garage-gpu-power.service.j2")
 
 
 @deploy("GPUs")
 def converge(rig: Rig) -> None:
     d = rig.data
-    unit_path = units.unit_path(units.GPU_POWER_UNIT)
     if not units.has_gpu_power_unit(rig):
         if d.gpu_count == 0:
             host.log("gpus: no NVIDIA GPUs (gpu_count 0), power settings skipped")
-        services.unit_absent(name=f"No {units.GPU_POWER_UNIT}", service=units.GPU_POWER_UNIT,
-                             paths=[unit_path])
+        services.unit_absent(name=f"No {GPU_POWER_UNIT}", service=GPU_POWER_UNIT,
+                             paths=[unit_path(GPU_POWER_UNIT)])
         return
 
     nvidia_smi = host.get_fact(Which, command="nvidia-smi")
@@ -32,23 +35,13 @@ def converge(rig: Rig) -> None:
     limits = rig.power_limits()
     # Checked now, while the deploy is prepared: a bad limit or GPU count stops the run before
     # any operation runs on any host (the operation decides again when it runs).
-    plan_power(rig.name, d.gpu_count, limits, d.gpu_persistence_mode,
-               host.get_fact(GpuTable))
-    gpu.power_settings(
-        name="GPU persistence mode and power limits",
-        gpu_count=d.gpu_count,
-        limits=limits,
-        persistence=d.gpu_persistence_mode,
-        nvidia_smi=nvidia_smi,
-    )
-    unit = files.put(
-        name=f"Boot unit {units.GPU_POWER_UNIT}",
-        src=StringIO(units.gpu_power_unit(rig, nvidia_smi)),
-        dest=unit_path,
-        user="root",
-        group="root",
-        mode="644",
-    )
+    plan_power(rig.name, d.gpu_count, limits, d.gpu_persistence_mode, host.get_fact(GpuTable))
+    gpu.power_settings(name="GPU persistence mode and power limits", gpu_count=d.gpu_count,
+                       limits=limits, persistence=d.gpu_persistence_mode, nvidia_smi=nvidia_smi)
+    unit = files.template(name=f"Boot unit {GPU_POWER_UNIT}", src=UNIT_TEMPLATE,
+                          dest=unit_path(GPU_POWER_UNIT), user="root", group="root", mode="644",
+                          jinja_env_kwargs=dict(units.TEMPLATE_OPTIONS),
+                          unit=units.gpu_power_unit_context(rig, nvidia_smi))
     systemd.daemon_reload(name="Reload systemd (GPU power unit changed)", _if=unit.did_change)
-    systemd.service(name=f"Enable {units.GPU_POWER_UNIT} at boot",
-                    service=units.GPU_POWER_UNIT, running=None, enabled=True)
+    systemd.service(name=f"Enable {GPU_POWER_UNIT} at boot", service=GPU_POWER_UNIT,
+                    running=None, enabled=True)

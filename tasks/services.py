@@ -1,5 +1,6 @@
-"""One llama-server systemd service per enabled profile: written from the structured profile,
-restarted once per run and only when what it runs with changed, then proven to answer.
+"""One llama-server systemd service per enabled profile: written from its plan
+(llm_garage/plans/services.py), restarted once per run and only when what it runs with
+changed, then proven to answer.
 
 A disabled profile's service is stopped, disabled and its unit deleted (as is the unit of a
 profile removed from the inventory), so nothing can start it by accident and its port is free
@@ -7,116 +8,61 @@ for the profile that replaces it."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
-from io import StringIO
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pyinfra.api import deploy
-from pyinfra.api.exceptions import DeployError
 from pyinfra.api.operation import OperationMeta
 from pyinfra.operations import files, systemd
 from pyinfra.operations.util import any_changed
 
-import llm_garage
 from llm_garage import units
+from llm_garage.layout import SECRETS_DIR, SERVER_UNIT_GLOB, UNIT_DIR
 from llm_garage.operations import services
+from llm_garage.plans import services as service_plan
 from llm_garage.settings import Rig
 
-CHECK_SCRIPT = Path(llm_garage.__file__).parent / "files" / "garage-server-check"
+if TYPE_CHECKING:  # plans.models loads requests, which must come after gevent's patching
+    from llm_garage.plans.models import ModelPlan
 
-
-def check_script_path(rig: Rig) -> str:
-    return f"{rig.data.garage_root}/bin/garage-server-check"
-
-
-def local_url(listen: str, port: int) -> str:
-    """Where a check on the rig itself reaches a server bound to `listen`."""
-    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(listen, listen)
-    if ":" in host:
-        host = f"[{host}]"
-    return f"http://{host}:{port}"
-
-
-def check_command(rig: Rig, profile: str) -> list[str]:
-    p = rig.profiles[profile]
-    command = [check_script_path(rig), "--unit", rig.service_name(profile),
-               "--url", local_url(p.listen, p.port), "--alias", rig.alias(profile),
-               "--timeout", str(p.health_timeout_s), "--warmup", str(p.warmup_requests)]
-    if p.api_key_env:
-        command += ["--key-file", units.key_file_path(rig, profile)]
-    return command
+UNIT_TEMPLATE = str(Path(__file__).resolve().parent.parent / "templates"
+                    / "llama-server.service.j2")
 
 
 @deploy("Services")
-def converge(rig: Rig, engines: Mapping[str, Sequence[OperationMeta]],
-             models: Mapping[str, object]) -> None:
-    """`engines`: engine name -> operations whose change means its `current` build switched;
-    `models`: model name -> outcome with `.path` (the file for -m) and `.ops` (operations
-    whose change means the files changed)."""
-    enabled = sorted(rig.enabled_profiles)
-    disabled = sorted(set(rig.profiles) - set(enabled))
-    missing = [f"{p} (model {rig.profiles[p].model})" for p in enabled
-               if rig.profiles[p].model not in models]
-    if missing:
-        raise DeployError(f"host {rig.name!r}: no model files for profile(s) "
-                          + ", ".join(missing))
-
-    if enabled:
-        files.put(name="Server check script", src=str(CHECK_SCRIPT),
-                  dest=check_script_path(rig), add_deploy_dir=False, user="root",
-                  group="root", mode="755")
-
+def converge(rig: Rig, models: Mapping[str, ModelPlan],
+             engine_changes: Mapping[str, Sequence[OperationMeta]],
+             model_changes: Mapping[str, Sequence[OperationMeta]]) -> None:
+    """`models`: the model plans; `engine_changes` and `model_changes`: engine or model name
+    -> operations whose change this run means a restart of the services using it."""
+    plans = service_plan.plan(rig, models)
     pruned = services.stale_units_removed(
         name="Stop and remove services of disabled or removed profiles",
-        keep=[rig.service_name(p) for p in enabled],
-        also=[rig.service_name(p) for p in disabled],
-        unit_dir=units.UNIT_DIR,
-        pattern="llama-server-*.service",
-        marker=units.GENERATED_MARKER,
-        companions={units.SECRETS_DIR: ".key", f"{rig.state_dir}/services": ".inputs"},
+        keep=[plan.service for plan in plans], also=service_plan.removed_services(rig),
+        unit_dir=UNIT_DIR, pattern=SERVER_UNIT_GLOB, marker=units.GENERATED_MARKER,
+        companions={SECRETS_DIR: ".key", rig.layout.service_inputs_dir: ".inputs"},
     )
-
     unit_ops = []
-    for profile in enabled:
-        p = rig.profiles[profile]
-        service = rig.service_name(profile)
-        key_file = units.key_file_path(rig, profile)
+    for plan in plans:
         # One operation per profile either way: pyinfra orders operations across hosts by
         # where they are called, so every host must call the same ones in the same order.
-        services.secret_file(
-            name=f"API key of {service}", path=key_file,
-            content=os.environ[p.api_key_env] + "\n" if p.api_key_env else None)
-        unit_ops.append(files.put(
-            name=f"Unit {service}",
-            src=StringIO(units.llama_unit(rig, profile, models[p.model].path)),
-            dest=units.unit_path(service),
-            user="root",
-            group="root",
-            mode="644",
-        ))
-
+        services.secret_file(name=f"API key of {plan.service}", path=plan.key_file,
+                             content=plan.api_key + "\n" if plan.api_key else None)
+        unit_ops.append(files.template(
+            name=f"Unit {plan.service}", src=UNIT_TEMPLATE, dest=plan.unit_file, user="root",
+            group="root", mode="644", jinja_env_kwargs=dict(units.TEMPLATE_OPTIONS),
+            unit=plan.unit))
     systemd.daemon_reload(name="Reload systemd (llama-server units changed)",
                           _if=any_changed(pruned, *unit_ops))
-
     checks = {}
-    for profile in enabled:
-        p = rig.profiles[profile]
-        service = rig.service_name(profile)
-        model = models[p.model]
-        systemd.service(name=f"Enable {service} at boot", service=service, running=None,
-                        enabled=True)
-        checks[service] = services.restarted_on_change(
-            name=f"Start {service} when changed, then check /health, /v1/models, warm-up",
-            service=service,
-            stamp=units.stamp_path(rig, profile),
-            unit_file=units.unit_path(service),
-            key_file=units.key_file_path(rig, profile) if p.api_key_env else None,
-            engine_link=rig.engine_current(p.engine),
-            binary=rig.server_binary(p.engine),
-            model=model.path,
-            check=check_command(rig, profile),
-            changed=[*engines.get(p.engine, ()), *model.ops],
+    for plan in plans:
+        systemd.service(name=f"Enable {plan.service} at boot", service=plan.service,
+                        running=None, enabled=True)
+        checks[plan.service] = services.restarted_on_change(
+            name=f"Start {plan.service} when changed, then check /health, /v1/models, warm-up",
+            plan=plan, changed=[*engine_changes.get(plan.engine, ()),
+                                *model_changes.get(plan.model, ())],
             _ignore_errors=True,
         )
     if checks:

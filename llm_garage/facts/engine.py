@@ -1,5 +1,5 @@
-"""Facts about engine builds: remote refs, recorded pins, the CUDA toolkit, the GPUs' compute
-capabilities and the builds on disk; plus the pure derivations the engine task makes from them.
+"""Facts about engine builds: remote refs, recorded pins, the CUDA toolkit and the builds on
+disk. What the engine plan derives from them is in llm_garage/plans/engines.py.
 
 Every fact command exits 0 and reports failures in its output (a trailing `exit=N` line), so a
 missing tool or an unreachable remote becomes a clear error of ours instead of a failed fact."""
@@ -9,32 +9,11 @@ from __future__ import annotations
 import re
 
 from pyinfra.api import FactBase, QuoteString, StringCommand
-from pyinfra.api.exceptions import DeployError
+
+from . import split_exit
 
 SHA_RE = re.compile(r"[0-9a-f]{40}")
 BUILD_KEY_RE = re.compile(r"[0-9a-f]{12}-[0-9a-f]{10}")
-EXIT_RE = re.compile(r"exit=(\d+)")
-
-# Oldest CUDA toolkit that compiles for an architecture (its number without a/f/-real suffix).
-# Architectures not listed compile with any toolkit that has a Blackwell-free default.
-MIN_CUDA = {
-    "87": (11, 4), "89": (11, 8), "90": (12, 0),
-    "100": (12, 8), "101": (12, 8), "120": (12, 8),
-    "103": (12, 9), "121": (12, 9),
-}
-
-
-class EngineError(DeployError):
-    """An engine pin or toolchain problem found before any operation runs."""
-
-
-def _split_exit(output: list[str]) -> tuple[list[str], int]:
-    """Output lines without the trailing `exit=N` marker, and N (0 when absent)."""
-    lines = [line.rstrip("\n") for line in output]
-    if lines and (m := EXIT_RE.fullmatch(lines[-1].strip())):
-        return lines[:-1], int(m.group(1))
-    return lines, 0
-
 
 # --- git ls-remote ---------------------------------------------------------------------------
 
@@ -67,24 +46,13 @@ class GitRemoteRefs(FactBase):
         )
 
     def process(self, output):
-        lines, status = _split_exit(output)
+        lines, status = split_exit(output)
         if status:
             text = " ".join(line.strip() for line in lines if line.strip())
             if status == 124:
                 text = (text + " " if text else "") + "(no answer within 120 s)"
             return {"refs": {}, "error": text or f"git ls-remote exited {status}"}
         return {"refs": parse_ls_remote(lines), "error": None}
-
-
-def resolve_ref(refs: dict[str, str], ref: str) -> tuple[str, str | None]:
-    """("tag" | "branch" | "missing", commit) for `ref` in ls-remote output; tags win."""
-    peeled = refs.get(f"refs/tags/{ref}^{{}}")
-    tag = peeled or refs.get(f"refs/tags/{ref}")
-    if tag:
-        return "tag", tag
-    if f"refs/heads/{ref}" in refs:
-        return "branch", refs[f"refs/heads/{ref}"]
-    return "missing", None
 
 
 # --- recorded pins ---------------------------------------------------------------------------
@@ -143,61 +111,7 @@ class CudaToolkit(FactBase):
         return {"nvcc": lines[0][len("nvcc="):], "version": parse_nvcc_version(lines[1:])}
 
 
-def cuda_too_old(architectures: list[str], version: tuple[int, int]) -> list[tuple[str, str]]:
-    """(architecture, minimum CUDA) for every architecture this toolkit cannot compile."""
-    out = []
-    for arch in architectures:
-        base = re.match(r"\d+", arch)
-        need = MIN_CUDA.get(base.group(0)) if base else None
-        if need and version < need:
-            out.append((arch, f"{need[0]}.{need[1]}"))
-    return out
-
-
-# --- GPUs ------------------------------------------------------------------------------------
-
-class GpuComputeCaps(FactBase):
-    """Compute capability of each GPU, as nvidia-smi prints it ("8.6", or "[N/A]"):
-    `{"caps": [...], "error": None}`, `{"caps": [], "error": "<message>"}` when nvidia-smi
-    fails, `None` when nvidia-smi is not installed."""
-
-    def requires_command(self, *args, **kwargs) -> str:
-        return "nvidia-smi"
-
-    command = "nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>&1; echo exit=$?"
-
-    def process(self, output):
-        lines, status = _split_exit(output)
-        lines = [line.strip() for line in lines if line.strip()]
-        if status:
-            return {"caps": [], "error": " ".join(lines) or f"nvidia-smi exited {status}"}
-        return {"caps": lines, "error": None}
-
-
-def architectures_from_caps(caps: list[str]) -> list[str]:
-    """["8.6", "8.6", "12.0"] -> ["86", "120"]: unique, in numeric order.
-
-    Raises ValueError naming the first cell that is not a compute capability."""
-    found = set()
-    for cap in caps:
-        m = re.fullmatch(r"(\d+)\.(\d+)", cap.strip())
-        if not m:
-            raise ValueError(f"nvidia-smi reported compute capability {cap.strip()!r}")
-        found.add(int(m.group(1)) * 10 + int(m.group(2)))
-    return [str(a) for a in sorted(found)]
-
-
 # --- builds on disk --------------------------------------------------------------------------
-
-def build_key(commit: str, flags_hash: str) -> str:
-    """Folder name of one build: `<commit12>-<flagshash>`."""
-    return f"{commit[:12]}-{flags_hash}"
-
-
-def stamp_line(commit: str, flags_hash: str) -> str:
-    """First line of a build's stamp: what was built. Written last, after the build verified."""
-    return f"{commit} {flags_hash}"
-
 
 class EngineBuilds(FactBase):
     """The builds of one engine: `{"current": key | None, "builds": {key: {"stamp": first

@@ -1,4 +1,9 @@
-"""Facts about a rig's NVIDIA GPUs: the power table that power limits are checked against."""
+"""Facts about a rig's NVIDIA GPUs, all read with nvidia-smi: the power table that power
+limits are checked against, and the compute capabilities `cuda_architectures: auto` builds for.
+
+Both are None when nvidia-smi is not installed. The power table fails the fact when nvidia-smi
+fails (it is read at execute time, where that is the right answer); the compute capabilities
+report nvidia-smi's message instead, so that planning can say what to fix."""
 
 from __future__ import annotations
 
@@ -6,6 +11,8 @@ import dataclasses
 import re
 
 from pyinfra.api import FactBase
+
+from . import split_exit
 
 QUERY_FIELDS = ("index", "name", "power.limit", "power.min_limit", "power.max_limit",
                 "persistence_mode")
@@ -73,3 +80,23 @@ class GpuTable(FactBase):
 
     def process(self, output):
         return parse_gpu_table(list(output))
+
+
+# --- compute capabilities ------------------------------------------------------------------
+
+class GpuComputeCaps(FactBase):
+    """Compute capability of each GPU, as nvidia-smi prints it ("8.6", or "[N/A]"):
+    `{"caps": [...], "error": None}`, `{"caps": [], "error": "<message>"}` when nvidia-smi
+    fails, `None` when nvidia-smi is not installed."""
+
+    def requires_command(self, *args, **kwargs) -> str:
+        return "nvidia-smi"
+
+    command = "nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>&1; echo exit=$?"
+
+    def process(self, output):
+        lines, status = split_exit(output)
+        lines = [line.strip() for line in lines if line.strip()]
+        if status:
+            return {"caps": [], "error": " ".join(lines) or f"nvidia-smi exited {status}"}
+        return {"caps": lines, "error": None}

@@ -30,13 +30,14 @@ def inputs_digest_command(unit: str, key_file: str | None, engine_link: str, bin
 
 
 class ServiceState(FactBase):
-    """`{"active": systemctl is-active, "stamp": recorded digest or None, "inputs": digest of
-    the inputs now}` for one llama-server unit (see `inputs_digest_command`)."""
+    """`{"active": systemctl is-active, "proven": the inputs digest recorded when the service
+    last passed its check, or None, "inputs": digest of the inputs now}` for one llama-server
+    unit (see `inputs_digest_command`)."""
 
-    def command(self, service: str, stamp: str, digest: str):
+    def command(self, service: str, proven_path: str, digest: str):
         q = shlex.quote
         return (f"printf 'active=%s\\n' \"$(systemctl is-active -- {q(service)} 2>/dev/null)\"; "
-                f"printf 'stamp=%s\\n' \"$(cat {q(stamp)} 2>/dev/null)\"; "
+                f"printf 'proven=%s\\n' \"$(cat {q(proven_path)} 2>/dev/null)\"; "
                 f"printf 'inputs=%s\\n' \"$({digest})\"")
 
     def process(self, output):
@@ -46,7 +47,7 @@ class ServiceState(FactBase):
             values[key.strip()] = value.strip()
         return {
             "active": values.get("active") or "unknown",
-            "stamp": values.get("stamp") or None,
+            "proven": values.get("proven") or None,
             "inputs": values.get("inputs") or None,
         }
 

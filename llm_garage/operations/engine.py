@@ -7,67 +7,12 @@ only when `current` points elsewhere; pruning only when more builds are kept tha
 
 from __future__ import annotations
 
-import dataclasses
-
 from pyinfra import host, logger
 from pyinfra.api import FunctionCommand, QuoteString, StringCommand, operation
 from pyinfra.api.exceptions import OperationError
 
-from llm_garage.facts.engine import (
-    EngineBuilds,
-    PinRecords,
-    build_key,
-    pin_record_line,
-    stamp_line,
-)
-
-
-@dataclasses.dataclass(frozen=True)
-class BuildPlan:
-    """Everything one engine build needs, resolved before any operation runs."""
-
-    engine: str  # the engine's name in the settings
-    kind: str  # llama.cpp | ik_llama.cpp
-    ref: str  # the pin as written: tag, commit or branch
-    commit: str  # what the pin resolved to
-    remote: str
-    fetch: tuple[str, ...]  # refspecs that bring `commit`, tried in order (then the SHA)
-    source_dir: str
-    builds_dir: str
-    flags: tuple[tuple[str, str], ...]  # the effective -D flags, in order
-    flags_hash: str
-    architectures: tuple[str, ...]  # empty for a CPU-only build
-    jobs: int
-    ccache_dir: str
-    ccache_base: str  # ccache base_dir: absolute paths under it are hashed relative
-    nvcc: str | None = None
-    targets: tuple[str, ...] = ("llama-server",)
-
-    @property
-    def key(self) -> str:
-        return build_key(self.commit, self.flags_hash)
-
-    @property
-    def build_dir(self) -> str:
-        return f"{self.builds_dir}/{self.key}"
-
-    @property
-    def log_path(self) -> str:
-        return f"{self.build_dir}/build.log"
-
-    @property
-    def stamp(self) -> str:
-        return stamp_line(self.commit, self.flags_hash)
-
-    @property
-    def cmake_args(self) -> list[str]:
-        return [f"-D{k}={v}" for k, v in self.flags]
-
-    def describe(self) -> str:
-        pin = self.ref if self.ref == self.commit else f"{self.ref} = {self.commit[:12]}"
-        arches = ("CUDA architectures " + ";".join(self.architectures)
-                  if self.architectures else "CPU only")
-        return f"{self.engine} ({self.kind} {pin}), {arches}, -j {self.jobs}"
+from llm_garage.facts.engine import EngineBuilds, PinRecords, pin_record_line
+from llm_garage.plans.engines import BuildPlan
 
 
 def build_command(plan: BuildPlan, script: str) -> StringCommand:

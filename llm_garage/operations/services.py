@@ -25,6 +25,7 @@ from llm_garage.facts.services import (
     UnitPresence,
     inputs_digest_command,
 )
+from llm_garage.plans.services import ServicePlan
 
 # Global arguments that make pyinfra upload to a temporary file first (see the SSH connector).
 _ESCALATION = ("_sudo", "_doas", "_dzdo", "_su_user")
@@ -92,39 +93,35 @@ def _run_check(state, host, command: StringCommand) -> bool:
 
 
 @operation()
-def restarted_on_change(service: str, stamp: str, unit_file: str, key_file: str | None,
-                        engine_link: str, binary: str, model: str, check: list[str],
-                        changed: Sequence[OperationMeta] = ()):
+def restarted_on_change(plan: ServicePlan, changed: Sequence[OperationMeta] = ()):
     """
     Restart a llama-server unit when what it runs with changed, then prove it works.
 
-    + service: the unit
-    + stamp: file recording the inputs the service was last proven healthy with
-    + unit_file, key_file, engine_link, binary, model: its inputs (see
-      ``facts.services.inputs_digest_command``)
-    + check: the command restarting (given ``--restart``) and proving the service (health,
-      /v1/models, warm-up), ``garage-server-check``
+    + plan: the profile's service (``plans.services.ServicePlan``): its unit, the inputs its
+      digest covers (``facts.services.inputs_digest_command``), where that digest is kept, and
+      the command restarting (given ``--restart``) and proving it (``garage-server-check``)
     + changed: operations of this run whose change also means a restart
 
-    Restarts (a first start counts) when the inputs differ from the stamp, when the unit is
-    not active, or when an operation in ``changed`` changed; the check runs after every
-    (re)start, and the stamp is written last, so a service that failed its check is
+    Restarts (a first start counts) when the inputs differ from the recorded digest, when the
+    unit is not active, or when an operation in ``changed`` changed; the check runs after
+    every (re)start, and the digest is written last, so a service that failed its check is
     restarted and checked again by the next run. Nothing else ever restarts it.
 
     **Example:**
 
     .. code:: python
 
-        services.restarted_on_change(name="Serve qwen", service="llama-server-qwen.service",
-                                     ..., check=["/opt/llm-garage/bin/garage-server-check",
-                                                 "--unit", "llama-server-qwen.service", ...])
+        services.restarted_on_change(name="Serve qwen", plan=plan, changed=[switch_op])
     """
-    digest = inputs_digest_command(unit_file, key_file, engine_link, binary, model)
-    state = host.get_fact(ServiceState, service=service, stamp=stamp, digest=digest)
+    service = plan.service
+    digest = inputs_digest_command(plan.unit_file, plan.key_file if plan.api_key else None,
+                                   plan.engine_link, plan.binary, plan.model_path)
+    state = host.get_fact(ServiceState, service=service, proven_path=plan.inputs,
+                          digest=digest)
     reasons = []
-    if state["stamp"] is None:
+    if state["proven"] is None:
         reasons.append("never proven healthy")
-    elif state["stamp"] != state["inputs"]:
+    elif state["proven"] != state["inputs"]:
         reasons.append("its unit, API key, engine build or model files changed")
     if state["active"] != "active":
         reasons.append(f"it is {state['active']}")
@@ -141,17 +138,18 @@ def restarted_on_change(service: str, stamp: str, unit_file: str, key_file: str 
     # The check restarts the unit itself, so that a unit that does not even start also gets
     # its journal printed.
     yield FunctionCommand(_run_check,
-                          (StringCommand(*[QuoteString(a) for a in [*check, "--restart"]]),), {})
-    directory = posixpath.dirname(stamp)
+                          (StringCommand(*[QuoteString(a) for a in [*plan.check, "--restart"]]),),
+                          {})
+    directory = posixpath.dirname(plan.inputs)
     yield StringCommand("sh", "-c", QuoteString(
         f'umask 077 && mkdir -p "$1" && {{ {digest}; }} > "$2.tmp" && mv -f "$2.tmp" "$2"'),
-        "-", QuoteString(directory), QuoteString(stamp))
+        "-", QuoteString(directory), QuoteString(plan.inputs))
 
 
 @operation()
 def unit_absent(service: str, paths: Sequence[str]):
     """
-    Stop and disable a unit and delete its files (the unit file, its key, its stamp).
+    Stop and disable a unit and delete its files (unit file, key, recorded inputs).
 
     + service: the unit
     + paths: files that belong to it
@@ -184,7 +182,7 @@ def stale_units_removed(keep: Sequence[str], also: Sequence[str], unit_dir: str,
     + unit_dir, pattern: where our units live and the glob naming them
     + marker: first-line marker of the unit files llm-garage wrote
     + companions: folder -> suffix of files that belong to a unit of the same stem (its API
-      key, its stamp), deleted with it
+      key, its recorded inputs), deleted with it
 
     **Example:**
 

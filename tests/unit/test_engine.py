@@ -14,21 +14,25 @@ from pyinfra.facts.hardware import Cpus
 from llm_garage.facts.engine import (
     CudaToolkit,
     EngineBuilds,
-    EngineError,
     GitRemoteRefs,
-    GpuComputeCaps,
     PinRecords,
+    parse_ls_remote,
+    parse_nvcc_version,
+)
+from llm_garage.facts.gpu import GpuComputeCaps
+from llm_garage.operations import engine as ops
+from llm_garage.operations.engine import build_command, builds_to_prune, parse_stamp
+from llm_garage.plans.engines import (
+    BuildPlan,
+    EngineError,
     architectures_from_caps,
     build_key,
     cuda_too_old,
-    parse_ls_remote,
-    parse_nvcc_version,
+    fetch_specs,
     resolve_ref,
 )
-from llm_garage.operations import engine as ops
-from llm_garage.operations.engine import BuildPlan, build_command, builds_to_prune, parse_stamp
+from llm_garage.plans.engines import plan as plan_builds
 from llm_garage.settings import flags_hash, load_rig
-from tasks.engines import fetch_specs, pins_path, plan_builds
 
 SHA_A = "a" * 40
 SHA_B = "0123456789abcdef0123456789abcdef01234567"
@@ -450,7 +454,7 @@ def test_record_pin():
                          tag="b8137", commit=SHA_B)
     assert shlex.split(commands[0].get_raw_value()) == [
         "printf", "%s\\n", f"b8137\t{SHA_B}\t{REMOTE}", ">>", path]
-    assert pins_path(rig_for({"ref": "b8137"})) == path
+    assert rig_for({"ref": "b8137"}).layout.engine_pins == path
 
 
 def test_parse_stamp():

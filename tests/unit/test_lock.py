@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import click
 import pytest
 
 from llm_garage import lock
@@ -48,40 +47,21 @@ def no_api(endpoint):
     raise AssertionError("the API must not be asked")
 
 
-def test_lock_path_sits_next_to_the_inventory():
-    assert lock.lock_path_for("inventory/garage.py") == Path("inventory/garage.lock.json")
-    assert lock.lock_path_for("/x/y/test.inv.py") == Path("/x/y/test.inv.lock.json")
-    assert lock.lock_path_for("hosts") == Path("hosts.lock.json")
+def test_lock_path_comes_from_the_models_lock_setting():
+    with_lock = {"models_lock": "inventory/garage.lock.json"}
+    rigs = [make_rig("a", {"q4": Q4}, **with_lock), make_rig("b", {"q8": Q8}, **with_lock)]
+    assert lock.lock_path_of(rigs) == Path("inventory/garage.lock.json")
+    assert lock.lock_path_of([make_rig("a", {"q4": Q4})]) is None
 
 
-def test_lock_inventory_of_run_comes_from_the_pyinfra_command_line(tmp_path, monkeypatch):
-    inv = tmp_path / "garage.py"
-    inv.write_text("hosts = []\n")
-    monkeypatch.chdir(tmp_path)
-    seen = []
-
-    @click.command()
-    @click.argument("inventory")
-    @click.argument("operations", nargs=-1)
-    def fake_pyinfra(inventory, operations):
-        seen.append(lock.inventory_of_run())
-
-    fake_pyinfra.main(["garage.py", "deploy.py"], standalone_mode=False)
-    fake_pyinfra.main(["rig1,rig2", "deploy.py"], standalone_mode=False)
-    assert seen == [Path("garage.py"), None]
-    assert lock.inventory_of_run() is None  # no CLI at all
-    # pyinfra runs deploy files in greenlets that do not see the click context: the command
-    # line is parsed the way pyinfra parses it (in a child: pyinfra_cli patches the process)
-    probe = ("import sys, pyinfra, pyinfra_cli.cli; from llm_garage import lock; "
-             "pyinfra.is_cli = True; sys.argv = sys.argv[1:]; print(lock.inventory_of_run())")
-    for argv, expected in (
-            (["pyinfra", "-y", "--data", "x=1", "--limit", "rig1", "-vv", "garage.py",
-              "deploy.py"], "garage.py"),
-            (["pyinfra", "rig1,rig2", "deploy.py"], "None")):
-        out = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True,
-                             text=True, cwd=tmp_path, timeout=60,
-                             env={**os.environ, "PYTHONPATH": str(REPO)})
-        assert out.stdout.strip() == expected, out.stderr
+def test_lock_path_must_be_one_file_for_the_whole_run():
+    a = make_rig("a", {"q4": Q4}, models_lock="one.lock.json")
+    b = make_rig("b", {"q8": Q8}, models_lock="two.lock.json")
+    with pytest.raises(LockError, match="hosts name different lock files in models_lock: "
+                                        "one.lock.json, two.lock.json"):
+        lock.lock_path_of([a, b])
+    with pytest.raises(LockError, match="models_lock is set on some hosts but not on c"):
+        lock.lock_path_of([a, make_rig("c", {"q8": Q8})])
 
 
 def test_lock_round_trip_is_exact_and_stable(hub, tmp_path):
@@ -218,7 +198,9 @@ def test_lock_command_writes_the_lock_and_check_lists_the_files(hub, tmp_path):
     inv = tmp_path / "inventory" / "garage.py"
     inv.parent.mkdir()
     inv.write_text(
+        "from pathlib import Path\n"
         "rigs = [('rig1', {'ssh_hostname': '10.9.9.9', "
+        "'models_lock': str(Path(__file__).with_name('garage.lock.json')), "
         f"'hf_endpoint': {hub.url!r}, 'models': {{'q4': {Q4!r}}}}})]\n")
     env = {**os.environ, "HF_TOKEN": ""}
     cli = [sys.executable, "-m", "llm_garage.cli"]

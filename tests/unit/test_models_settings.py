@@ -17,6 +17,6 @@ def test_models_retries_defaults_to_five_and_is_bounded():
 
 def test_model_folder_defaults_under_models_dir():
     rig, errors = load_rig("rig1", {"models_dir": "/data/models", "models": {"m": MODEL}})
-    assert not errors and rig.model_dir("m") == "/data/models/m"
+    assert not errors and rig.layout.model_dir("m") == "/data/models/m"
     rig, errors = load_rig("rig1", {"models": {"m": {**MODEL, "dir": "/fast/qwen"}}})
-    assert not errors and rig.model_dir("m") == "/fast/qwen"
+    assert not errors and rig.layout.model_dir("m") == "/fast/qwen"

@@ -3,6 +3,7 @@ rig-side check script against a stand-in server."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import http.server
 import json
@@ -24,8 +25,8 @@ from llm_garage.facts.services import (
     inputs_digest_command,
 )
 from llm_garage.operations import services as ops
+from llm_garage.plans.services import ServicePlan, check_command, local_url
 from llm_garage.settings import load_rig
-from tasks.services import check_command, local_url
 
 CHECK_SCRIPT = Path(__file__).resolve().parents[2] / "llm_garage" / "files" / "garage-server-check"
 
@@ -105,13 +106,13 @@ def test_digest_of_missing_inputs_still_answers(tmp_path):
 
 def test_service_state_fact_command_runs(inputs):
     tmp, paths = inputs
-    stamp = tmp / "stamp"
-    stamp.write_text(digest(paths) + "\n")
-    command = ServiceState().command("llama-server-x.service", str(stamp),
+    proven = tmp / "proven"
+    proven.write_text(digest(paths) + "\n")
+    command = ServiceState().command("llama-server-x.service", str(proven),
                                      inputs_digest_command(**paths))
     out = sh(command)
     state = ServiceState().process(out.stdout.splitlines())
-    assert state["stamp"] == state["inputs"] == digest(paths)
+    assert state["proven"] == state["inputs"] == digest(paths)
     assert state["active"]  # whatever systemctl says on this machine
 
 
@@ -195,16 +196,18 @@ class Meta:
         return self._error
 
 
-SERVICE_ARGS = dict(service="llama-server-p.service", stamp="/opt/g/state/services/p.inputs",
-                    unit_file="/etc/systemd/system/llama-server-p.service", key_file=None,
-                    engine_link="/opt/g/builds/llama/current",
-                    binary="/opt/g/builds/llama/current/bin/llama-server",
-                    model="/srv/models/m/m.gguf",
-                    check=["/opt/g/bin/garage-server-check", "--unit", "llama-server-p.service"])
+PLAN = ServicePlan(
+    profile="p", engine="llama", model="m", service="llama-server-p.service",
+    unit_file="/etc/systemd/system/llama-server-p.service", unit={},
+    key_file="/etc/llm-garage/llama-server-p.key", api_key=None,
+    inputs="/opt/g/state/services/p.inputs", engine_link="/opt/g/builds/llama/current",
+    binary="/opt/g/builds/llama/current/bin/llama-server", model_path="/srv/models/m/m.gguf",
+    check=("/opt/g/bin/garage-server-check", "--unit", "llama-server-p.service"))
+SERVICE_ARGS = dict(plan=PLAN)
 
 
-def service_state(active="active", stamp="d1", inputs="d1"):
-    return {"ServiceState": {"active": active, "stamp": stamp, "inputs": inputs}}
+def service_state(active="active", proven="d1", inputs="d1"):
+    return {"ServiceState": {"active": active, "proven": proven, "inputs": inputs}}
 
 
 def test_no_restart_when_running_with_the_proven_inputs():
@@ -215,8 +218,8 @@ def test_no_restart_when_running_with_the_proven_inputs():
 
 
 @pytest.mark.parametrize("state, changed, executing, reason", [
-    (dict(stamp=None), [], False, "never proven healthy"),
-    (dict(stamp="old"), [], False, "its unit, API key, engine build or model files changed"),
+    (dict(proven=None), [], False, "never proven healthy"),
+    (dict(proven="old"), [], False, "its unit, API key, engine build or model files changed"),
     (dict(active="failed"), [], False, "it is failed"),
     ({}, [Meta(will=True)], False, "its engine or model changed in this run"),
     ({}, [Meta(did=True)], True, "its engine or model changed in this run"),
@@ -236,10 +239,12 @@ def test_restart_then_check_then_stamp(state, changed, executing, reason):
 
 def test_stamp_command_writes_the_digest(inputs):
     tmp, paths = inputs
-    args = dict(SERVICE_ARGS, stamp=str(tmp / "state/services/p.inputs"),
-                unit_file=paths["unit"], key_file=paths["key_file"],
-                engine_link=paths["engine_link"], binary=paths["binary"], model=paths["model"])
-    commands, _ = run_op(ops.restarted_on_change, service_state(stamp=None), **args)
+    plan = dataclasses.replace(
+        PLAN, inputs=str(tmp / "state/services/p.inputs"), unit_file=paths["unit"],
+        key_file=paths["key_file"] or PLAN.key_file,
+        api_key="k" if paths["key_file"] else None, engine_link=paths["engine_link"],
+        binary=paths["binary"], model_path=paths["model"])
+    commands, _ = run_op(ops.restarted_on_change, service_state(proven=None), plan=plan)
     out = subprocess.run(raw(commands)[1], shell=True, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     stamp = tmp / "state/services/p.inputs"
@@ -336,7 +341,7 @@ def test_check_command_carries_no_key(monkeypatch):
         "profiles": {"p": {"model": "m", "engine": "e", "port": 9000, "api_key_env": "K",
                            "health_timeout_s": 60, "warmup_requests": 2}}})
     assert errors == []
-    assert check_command(rig, "p") == [
+    assert list(check_command(rig, "p")) == [
         "/opt/llm-garage/bin/garage-server-check", "--unit", "llama-server-p.service",
         "--url", "http://127.0.0.1:9000", "--alias", "p", "--timeout", "60", "--warmup", "2",
         "--key-file", "/etc/llm-garage/llama-server-p.key"]

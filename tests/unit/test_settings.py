@@ -50,7 +50,7 @@ def test_valid_settings_have_no_errors_and_defaults():
     assert rig.engines["llama"].cuda is True and rig.engines["llama"].keep_builds == 3
     assert rig.address == "10.0.0.5"
     assert rig.alias("p") == "p"
-    assert rig.model_dir("m") == "/srv/models/m"
+    assert rig.layout.model_dir("m") == "/srv/models/m"
 
 
 @pytest.mark.parametrize(

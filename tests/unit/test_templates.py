@@ -7,13 +7,30 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from pyinfra.api.util import get_template
 
 from llm_garage import units
+from llm_garage.layout import GPU_POWER_UNIT
 from llm_garage.settings import load_rig
+from tasks import gpus as gpus_task
+from tasks import services as services_task
 
 REPO = Path(__file__).resolve().parents[2]
 GARAGE_MODEL = ("/srv/models/qwen3.5-122b-q6/UD-Q6_K_XL/"
                 "Qwen3.5-122B-A10B-UD-Q6_K_XL-00001-of-00004.gguf")
+
+
+def render(template: str, context: dict) -> str:
+    """A unit as the deploy writes it: pyinfra's files.template over the task's template."""
+    return get_template(template, dict(units.TEMPLATE_OPTIONS)).render(unit=context)
+
+
+def llama_unit(rig, profile: str, model_path: str) -> str:
+    return render(services_task.UNIT_TEMPLATE, units.llama_unit_context(rig, profile, model_path))
+
+
+def gpu_power_unit(rig, nvidia_smi: str) -> str:
+    return render(gpus_task.UNIT_TEMPLATE, units.gpu_power_unit_context(rig, nvidia_smi))
 
 
 def rig(**data):
@@ -108,7 +125,7 @@ def test_environment_word_doubles_only_percent():
 # --- the reference rigs --------------------------------------------------------------------
 
 def test_garage_qwen122_exec_start(garage_fleet):
-    text = units.llama_unit(garage_fleet["garage"], "qwen122", GARAGE_MODEL)
+    text = llama_unit(garage_fleet["garage"], "qwen122", GARAGE_MODEL)
     exec_start = [line for line in text.splitlines() if line.startswith("ExecStart=")]
     assert exec_start == [
         "ExecStart=/opt/llm-garage/builds/llama/current/bin/llama-server"
@@ -119,7 +136,7 @@ def test_garage_qwen122_exec_start(garage_fleet):
 
 
 def test_garage_unit_layout(garage_fleet):
-    lines = units.llama_unit(garage_fleet["garage"], "qwen122", GARAGE_MODEL).splitlines()
+    lines = llama_unit(garage_fleet["garage"], "qwen122", GARAGE_MODEL).splitlines()
     assert lines[0].startswith(units.GENERATED_MARKER)
     for expected in [
         "After=network-online.target llm-garage-gpu-power.service",
@@ -139,7 +156,7 @@ def test_garage_unit_layout(garage_fleet):
 
 
 def test_gpu_power_unit_of_the_garage(garage_fleet):
-    text = units.gpu_power_unit(garage_fleet["garage"], "/usr/bin/nvidia-smi")
+    text = gpu_power_unit(garage_fleet["garage"], "/usr/bin/nvidia-smi")
     lines = text.splitlines()
     assert "After=nvidia-persistenced.service" in lines
     assert "Before=llama-server-qwen122.service" in lines  # qwen397 is disabled
@@ -161,7 +178,7 @@ def test_no_gpu_power_unit_without_gpus_or_settings():
     assert not units.has_gpu_power_unit(rig())
     assert not units.has_gpu_power_unit(rig(gpu_count=1, gpu_persistence_mode=False))
     assert units.has_gpu_power_unit(rig(gpu_count=1))
-    text = units.llama_unit(rig(), "p", "/srv/models/m/m.gguf")
+    text = llama_unit(rig(), "p", "/srv/models/m/m.gguf")
     assert "After=network-online.target\n" in text
 
 
@@ -171,7 +188,7 @@ def test_profile_environment_mlock_key_and_home(monkeypatch):
         "cuda_visible_devices": [1, 0], "environment": {"GGML_CUDA_P2P": "1",
                                                          "CUDA_DEVICE_ORDER": "FASTEST_FIRST"},
         "mlock": True, "api_key_env": "P_KEY"})
-    text = units.llama_unit(r, "p", "/home/me/models/m/m.gguf")
+    text = llama_unit(r, "p", "/home/me/models/m/m.gguf")
     lines = text.splitlines()
     assert [x for x in lines if x.startswith("Environment=")] == [
         'Environment="CUDA_DEVICE_ORDER=FASTEST_FIRST"',
@@ -194,8 +211,8 @@ def test_model_outside_its_model_dir_is_read_only_too():
 
 
 def test_rendering_is_deterministic(garage_fleet):
-    a = units.llama_unit(garage_fleet["epyc"], "qwen397", "/srv/models/x/a.gguf")
-    b = units.llama_unit(garage_fleet["epyc"], "qwen397", "/srv/models/x/a.gguf")
+    a = llama_unit(garage_fleet["epyc"], "qwen397", "/srv/models/x/a.gguf")
+    b = llama_unit(garage_fleet["epyc"], "qwen397", "/srv/models/x/a.gguf")
     assert a == b
 
 
@@ -209,7 +226,7 @@ def test_units_pass_systemd_analyze_verify(garage_fleet, tmp_path, monkeypatch):
     r = rig(garage_root=str(root), models_dir=str(tmp_path / "models"), gpu_count=1,
             gpu_power_limit_w=300, profile={"api_key_env": "T_KEY", "mlock": True,
                                             "extra_args": ["--chat-template", "50% $x \"y\""]})
-    binary = Path(r.server_binary("llama"))
+    binary = Path(r.layout.server_binary("llama"))
     binary.parent.mkdir(parents=True)
     binary.write_text("#!/bin/sh\n")
     binary.chmod(0o755)
@@ -219,9 +236,9 @@ def test_units_pass_systemd_analyze_verify(garage_fleet, tmp_path, monkeypatch):
     unit_dir = tmp_path / "units"
     unit_dir.mkdir()
     (unit_dir / "llama-server-p.service").write_text(
-        units.llama_unit(r, "p", str(tmp_path / "models" / "m" / "m.gguf")))
-    (unit_dir / units.GPU_POWER_UNIT).write_text(units.gpu_power_unit(r, str(nvidia_smi)))
-    for name in ("llama-server-p.service", units.GPU_POWER_UNIT):
+        llama_unit(r, "p", str(tmp_path / "models" / "m" / "m.gguf")))
+    (unit_dir / GPU_POWER_UNIT).write_text(gpu_power_unit(r, str(nvidia_smi)))
+    for name in ("llama-server-p.service", GPU_POWER_UNIT):
         proc = subprocess.run([analyze, "verify", "--man=no", str(unit_dir / name)],
                               capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr

@@ -1,0 +1,120 @@
+"""Every path on a rig, defined once: read any path here, nowhere else.
+
+Two settings anchor them: `garage_root` (sources, builds, ccache, state, our scripts) and
+`models_dir` (model folders). Fixed system places (systemd's unit folder, our secrets folder)
+are constants. Names of units and services are here too, since paths derive from them."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from pathlib import Path
+
+UNIT_DIR = "/etc/systemd/system"
+SECRETS_DIR = "/etc/llm-garage"  # root-only; hidden from every service we write
+GPU_POWER_UNIT = "llm-garage-gpu-power.service"
+SERVER_UNIT_GLOB = "llama-server-*.service"
+# The scripts our operations run on the rig, shipped in the package's files/ folder and
+# installed into `bin_dir` by one loop (tasks/base.py).
+RIG_SCRIPTS = ("garage-build", "garage-fetch", "garage-server-check")
+PACKAGE_FILES = Path(__file__).resolve().parent / "files"
+
+
+def unit_path(unit: str) -> str:
+    return f"{UNIT_DIR}/{unit}"
+
+
+def service_name(profile: str) -> str:
+    """The systemd service of a profile."""
+    return f"llama-server-{profile}.service"
+
+
+def script_source(script: str) -> str:
+    """Where a rig-side script lives in the installed package (on the controller)."""
+    return str(PACKAGE_FILES / script)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """The paths of one rig, from its settings (`Rig.layout`)."""
+
+    garage_root: str
+    models_dir: str
+    model_dirs: Mapping[str, str | None] = dataclasses.field(default_factory=dict)
+
+    # --- under garage_root ---
+    @property
+    def bin_dir(self) -> str:
+        return f"{self.garage_root}/bin"
+
+    def script(self, script: str) -> str:
+        """A rig-side script (one of RIG_SCRIPTS) as installed on the rig."""
+        return f"{self.bin_dir}/{script}"
+
+    @property
+    def service_home(self) -> str:
+        """Home of the service user: never created, nothing is written there."""
+        return f"{self.garage_root}/home"
+
+    @property
+    def src_dir(self) -> str:
+        return f"{self.garage_root}/src"
+
+    @property
+    def builds_dir(self) -> str:
+        return f"{self.garage_root}/builds"
+
+    @property
+    def ccache_dir(self) -> str:
+        return f"{self.garage_root}/ccache"
+
+    @property
+    def state_dir(self) -> str:
+        return f"{self.garage_root}/state"
+
+    @property
+    def engine_pins(self) -> str:
+        """Record of the commit each tag resolved to on this rig (a moved tag is refused)."""
+        return f"{self.state_dir}/engine-pins"
+
+    @property
+    def service_inputs_dir(self) -> str:
+        return f"{self.state_dir}/services"
+
+    def engine_source_dir(self, engine: str) -> str:
+        """One stable checkout per engine, full history."""
+        return f"{self.src_dir}/{engine}"
+
+    def engine_builds_dir(self, engine: str) -> str:
+        """One folder per build (`<commit12>-<flagshash>`), plus the `current` link."""
+        return f"{self.builds_dir}/{engine}"
+
+    def engine_current(self, engine: str) -> str:
+        return f"{self.engine_builds_dir(engine)}/current"
+
+    def server_binary(self, engine: str) -> str:
+        return f"{self.engine_current(engine)}/bin/llama-server"
+
+    # --- models ---
+    def model_dir(self, model: str) -> str:
+        """A model's folder: its `dir` setting, else `<models_dir>/<model>`."""
+        return self.model_dirs.get(model) or f"{self.models_dir}/{model}"
+
+    # --- services ---
+    def service_inputs(self, profile: str) -> str:
+        """Digest of what the running service was started and proven with."""
+        return f"{self.service_inputs_dir}/{service_name(profile).removesuffix('.service')}.inputs"
+
+    def key_file(self, profile: str) -> str:
+        """Root-only file holding the profile's API key (a systemd credential of its unit)."""
+        return f"{SECRETS_DIR}/{service_name(profile).removesuffix('.service')}.key"
+
+    @property
+    def rig_dirs(self) -> tuple[str, ...]:
+        """The folders every rig gets before anything else, root's and world-readable."""
+        return (self.garage_root, self.bin_dir, self.state_dir, self.models_dir)
+
+    @property
+    def engine_dirs(self) -> tuple[str, ...]:
+        """The folders engine builds need."""
+        return (self.src_dir, self.builds_dir, self.ccache_dir)

@@ -1,0 +1,258 @@
+"""The engine plan: per engine, the commit its pin resolves to on the rig, the architectures
+to build for and the exact cmake flags, checked against the rig's CUDA toolkit and GPUs.
+
+A tag that does not exist or moved, a branch given as a pin, a missing or too old CUDA
+toolkit: each is a problem naming the host, the engine and the fix, raised before any
+operation runs."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable
+from typing import Any
+
+from pyinfra.api.exceptions import DeployError
+from pyinfra.facts.hardware import Cpus
+
+from llm_garage.facts.engine import CudaToolkit, GitRemoteRefs, PinRecords
+from llm_garage.facts.gpu import GpuComputeCaps
+from llm_garage.settings import Engine, Rig, flags_hash
+
+# Oldest CUDA toolkit that compiles for an architecture (its number without a/f/-real suffix).
+# Architectures not listed compile with any toolkit that has a Blackwell-free default.
+MIN_CUDA = {
+    "87": (11, 4), "89": (11, 8), "90": (12, 0),
+    "100": (12, 8), "101": (12, 8), "120": (12, 8),
+    "103": (12, 9), "121": (12, 9),
+}
+CUDA_INSTALL_HINT = (
+    "install the CUDA toolkit (NVIDIA's cuda-toolkit-12-8 or newer package, which puts nvcc in "
+    "/usr/local/cuda/bin; or Debian's nvidia-cuda-toolkit)"
+)
+
+GetFact = Callable[..., Any]
+
+
+class EngineError(DeployError):
+    """An engine pin or toolchain problem found before any operation runs."""
+
+
+def resolve_ref(refs: dict[str, str], ref: str) -> tuple[str, str | None]:
+    """("tag" | "branch" | "missing", commit) for `ref` in ls-remote output; tags win."""
+    peeled = refs.get(f"refs/tags/{ref}^{{}}")
+    tag = peeled or refs.get(f"refs/tags/{ref}")
+    if tag:
+        return "tag", tag
+    if f"refs/heads/{ref}" in refs:
+        return "branch", refs[f"refs/heads/{ref}"]
+    return "missing", None
+
+
+def cuda_too_old(architectures: list[str], version: tuple[int, int]) -> list[tuple[str, str]]:
+    """(architecture, minimum CUDA) for every architecture this toolkit cannot compile."""
+    out = []
+    for arch in architectures:
+        base = re.match(r"\d+", arch)
+        need = MIN_CUDA.get(base.group(0)) if base else None
+        if need and version < need:
+            out.append((arch, f"{need[0]}.{need[1]}"))
+    return out
+
+
+def architectures_from_caps(caps: list[str]) -> list[str]:
+    """["8.6", "8.6", "12.0"] -> ["86", "120"]: unique, in numeric order.
+
+    Raises ValueError naming the first cell that is not a compute capability."""
+    found = set()
+    for cap in caps:
+        m = re.fullmatch(r"(\d+)\.(\d+)", cap.strip())
+        if not m:
+            raise ValueError(f"nvidia-smi reported compute capability {cap.strip()!r}")
+        found.add(int(m.group(1)) * 10 + int(m.group(2)))
+    return [str(a) for a in sorted(found)]
+
+
+def build_key(commit: str, flags_hash: str) -> str:
+    """Folder name of one build: `<commit12>-<flagshash>`."""
+    return f"{commit[:12]}-{flags_hash}"
+
+
+def stamp_line(commit: str, flags_hash: str) -> str:
+    """First line of a build's stamp: what was built. Written last, after the build verified."""
+    return f"{commit} {flags_hash}"
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildPlan:
+    """Everything one engine build needs, resolved before any operation runs."""
+
+    engine: str  # the engine's name in the settings
+    kind: str  # llama.cpp | ik_llama.cpp
+    ref: str  # the pin as written: tag, commit or branch
+    commit: str  # what the pin resolved to
+    remote: str
+    fetch: tuple[str, ...]  # refspecs that bring `commit`, tried in order (then the SHA)
+    source_dir: str
+    builds_dir: str
+    flags: tuple[tuple[str, str], ...]  # the effective -D flags, in order
+    flags_hash: str
+    architectures: tuple[str, ...]  # empty for a CPU-only build
+    jobs: int
+    ccache_dir: str
+    ccache_base: str  # ccache base_dir: absolute paths under it are hashed relative
+    nvcc: str | None = None
+    targets: tuple[str, ...] = ("llama-server",)
+    keep_builds: int = 3  # builds kept on disk for rollback, this one included
+    records_tag: bool = False  # a tag pin: record its commit so a moved tag is noticed
+
+    @property
+    def key(self) -> str:
+        return build_key(self.commit, self.flags_hash)
+
+    @property
+    def build_dir(self) -> str:
+        return f"{self.builds_dir}/{self.key}"
+
+    @property
+    def log_path(self) -> str:
+        return f"{self.build_dir}/build.log"
+
+    @property
+    def stamp(self) -> str:
+        return stamp_line(self.commit, self.flags_hash)
+
+    @property
+    def cmake_args(self) -> list[str]:
+        return [f"-D{k}={v}" for k, v in self.flags]
+
+    def describe(self) -> str:
+        pin = self.ref if self.ref == self.commit else f"{self.ref} = {self.commit[:12]}"
+        arches = ("CUDA architectures " + ";".join(self.architectures)
+                  if self.architectures else "CPU only")
+        return f"{self.engine} ({self.kind} {pin}), {arches}, -j {self.jobs}"
+
+
+def fetch_specs(engine: Engine, commit: str) -> tuple[str, ...]:
+    """What to fetch, in order, to bring `commit` into the source folder."""
+    if engine.pinned_commit:
+        return (commit, "+refs/heads/*:refs/remotes/origin/*")
+    if engine.follow:
+        return (f"+refs/heads/{engine.ref}:refs/remotes/origin/{engine.ref}", commit)
+    return (f"+refs/tags/{engine.ref}:refs/tags/{engine.ref}", commit)
+
+
+def _resolve_commit(rig: Rig, engine: Engine, get_fact: GetFact, problem) -> str | None:
+    if engine.pinned_commit:
+        return engine.pinned_commit
+    remote = engine.git_remote
+    info = get_fact(GitRemoteRefs, remote=remote, ref=engine.ref)
+    if info is None:
+        problem("git is not installed on the rig, so the pin cannot be resolved",
+                "install git (apt-get install git) and run again")
+        return None
+    if info["error"]:
+        problem(f"cannot read {remote}: {info['error']}",
+                "check the remote setting and that the rig reaches it")
+        return None
+    kind, commit = resolve_ref(info["refs"], engine.ref)
+    if engine.follow:
+        if kind != "branch":
+            what = "a tag" if kind == "tag" else "not a branch"
+            problem(f"follow: true but {engine.ref!r} is {what} on {remote}",
+                    "a branch name with follow: true, or a tag / commit SHA with follow: false")
+            return None
+        return commit
+    if kind == "missing":
+        problem(f"no tag {engine.ref!r} on {remote}",
+                f"pin an existing tag (git ls-remote --tags {remote}) or a full commit SHA")
+        return None
+    if kind == "branch":
+        problem(f"{engine.ref!r} is a branch on {remote}, not a pin",
+                "pin a tag or a full commit SHA, or set follow: true to track the branch")
+        return None
+    recorded = get_fact(PinRecords, path=rig.layout.engine_pins).get((remote, engine.ref))
+    if recorded and recorded != commit:
+        problem(f"tag {engine.ref!r} on {remote} now points at {commit}, but this rig recorded "
+                f"{recorded} for it: the tag moved",
+                f"pin the commit you want by its SHA; to accept the moved tag, delete its line "
+                f"from {rig.layout.engine_pins} on the rig")
+        return None
+    return commit
+
+
+def _architectures(engine: Engine, get_fact: GetFact, problem) -> list[str] | None:
+    if engine.cuda_architectures != "auto":
+        return list(engine.cuda_architectures)
+    gpus = get_fact(GpuComputeCaps)
+    if gpus is None:
+        problem("cuda_architectures 'auto' needs nvidia-smi, which is not installed",
+                "install the NVIDIA driver, or list the architectures (e.g. [86])")
+        return None
+    if gpus["error"]:
+        problem(f"nvidia-smi failed: {gpus['error']}",
+                "fix the NVIDIA driver, or list the architectures (e.g. [86])")
+        return None
+    if not gpus["caps"]:
+        problem("nvidia-smi lists no GPUs for cuda_architectures 'auto'",
+                "list the architectures (e.g. [86]), or cuda: false")
+        return None
+    try:
+        return architectures_from_caps(gpus["caps"])
+    except ValueError as e:
+        problem(f"{e}, so 'auto' cannot derive the architectures",
+                "list the architectures (e.g. [86])")
+        return None
+
+
+def plan(rig: Rig, get_fact: GetFact) -> list[BuildPlan]:
+    """One BuildPlan per engine, from facts read on the rig; raises EngineError listing every
+    problem of this rig (nothing has run yet when it does)."""
+    problems: list[str] = []
+    plans = []
+    toolkit: dict | None = None
+    for name, engine in sorted(rig.engines.items()):
+        found = len(problems)
+
+        def problem(what, fix, name=name, engine=engine):
+            problems.append(f"engines.{name} (ref {engine.ref!r}): {what}. Fix: {fix}.")
+
+        commit = _resolve_commit(rig, engine, get_fact, problem)
+        arches: list[str] | None = None
+        if engine.cuda:
+            toolkit = toolkit or get_fact(CudaToolkit)
+            if toolkit is None:
+                problem("GGML_CUDA=ON needs nvcc, found neither in PATH nor in "
+                        "/usr/local/cuda/bin", f"{CUDA_INSTALL_HINT}, or set cuda: false")
+            arches = _architectures(engine, get_fact, problem)
+            if toolkit and arches:
+                version = toolkit["version"]
+                if version is None:
+                    problem(f"cannot read the CUDA version from {toolkit['nvcc']} --version",
+                            CUDA_INSTALL_HINT)
+                else:
+                    for arch, need in cuda_too_old(arches, version):
+                        problem(f"architecture {arch} needs CUDA >= {need}, but "
+                                f"{toolkit['nvcc']} is CUDA {version[0]}.{version[1]}",
+                                f"install CUDA {need} or newer, or drop {arch}")
+        if len(problems) > found or commit is None:
+            continue
+        jobs = engine.build_jobs if isinstance(engine.build_jobs, int) else get_fact(Cpus) or 1
+        flags = engine.cmake_flags(arches)
+        targets = ("llama-server", "rpc-server") if engine.rpc else ("llama-server",)
+        plans.append(BuildPlan(
+            engine=name, kind=engine.kind, ref=engine.ref, commit=commit,
+            remote=engine.git_remote, fetch=fetch_specs(engine, commit),
+            source_dir=rig.layout.engine_source_dir(name),
+            builds_dir=rig.layout.engine_builds_dir(name),
+            flags=tuple(flags.items()), flags_hash=flags_hash(flags),
+            architectures=tuple(arches or ()), jobs=int(jobs), ccache_dir=rig.layout.ccache_dir,
+            ccache_base=rig.data.garage_root, nvcc=toolkit["nvcc"] if engine.cuda else None,
+            targets=targets, keep_builds=engine.keep_builds,
+            records_tag=engine.ref != commit and not engine.follow,
+        ))
+    if problems:
+        lines = "\n".join(f"  - {p}" for p in problems)
+        raise EngineError(f"host {rig.name}: {len(problems)} engine problem(s); nothing was "
+                          f"changed on any host:\n{lines}")
+    return plans

@@ -1,0 +1,90 @@
+"""The model plan: every model of a rig pinned to a commit and exact files (name, size,
+sha256, URL), and the folder it lands in.
+
+Pins come from the lock when the inventory names one (Hugging Face is not asked), else from
+the API, once per model for the whole run (llm_garage.lock, llm_garage.hf)."""
+
+from __future__ import annotations
+
+import dataclasses
+import weakref
+
+import gevent.lock
+from pyinfra import logger
+from pyinfra.api.exceptions import DeployError
+
+from llm_garage import hf, lock
+from llm_garage.fleet import fleet_for
+from llm_garage.settings import Rig
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelPlan:
+    """One model on one rig."""
+
+    name: str
+    folder: str
+    files: tuple[dict, ...]  # {"name", "size", "sha256", "url"} per file, the loaded one first
+    resolved: hf.Resolved
+
+    @property
+    def path(self) -> str:
+        """The file llama-server loads (-m): the first shard finds the others beside it."""
+        return f"{self.folder}/{self.resolved.main.name}"
+
+    def describe(self) -> str:
+        r = self.resolved
+        return (f"{r.spec.repo}@{r.commit[:12]}, {len(self.files)} file(s), "
+                f"{hf.human_size(r.size)}")
+
+
+def plan(rig: Rig, state) -> dict[str, ModelPlan]:
+    """Model name -> its plan, for every model of the rig."""
+    if not rig.models:
+        return {}
+    pinned = pins_for(state)
+    plans = {}
+    for name in sorted(rig.models):
+        resolved = pinned[(rig.name, name)]
+        files = tuple({"name": f.name, "size": f.size, "sha256": f.sha256,
+                       "url": resolved.url(rig.hf_endpoint, f)} for f in resolved.files)
+        plans[name] = ModelPlan(name=name, folder=rig.layout.model_dir(name), files=files,
+                                resolved=resolved)
+    return plans
+
+
+_PINS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# pyinfra prepares hosts in parallel greenlets: the first one resolves, the others wait for it
+_PINS_LOCK = gevent.lock.RLock()
+
+
+def pins_for(state) -> dict[tuple[str, str], hf.Resolved]:
+    """(host, model name) -> pinned files for every host of this run, computed once per run:
+    from the lock when the inventory names one, else through the Hugging Face API."""
+    with _PINS_LOCK:
+        if state not in _PINS:
+            _PINS[state] = _pins(state)
+    if isinstance(_PINS[state], Exception):
+        raise _PINS[state]
+    return _PINS[state]
+
+
+def _pins(state) -> dict[tuple[str, str], hf.Resolved] | Exception:
+    rigs = fleet_for(state)
+    limit = getattr(state, "limit_hosts", None)
+    if isinstance(limit, list):
+        names = {h.name for h in limit}
+        rigs = {name: rig for name, rig in rigs.items() if name in names}
+    try:
+        path = lock.lock_path_of(rigs)
+        the_lock = lock.Lock.load(path) if path and path.exists() else None
+        resolver_for = None if hf.offline() else lock.resolvers()
+        pinned = lock.pins(rigs, the_lock, resolver_for, path)
+    except DeployError as e:
+        return e  # every host's prepare raises the same error, asked once
+    if the_lock is None and pinned:
+        how = (f"`llm-garage lock <inventory>` to write {path}" if path
+               else "set models_lock and run `llm-garage lock <inventory>`")
+        logger.warning(f"--> Models resolved through the Hugging Face API (no lock); "
+                       f"{how} to pin them")
+    return pinned
