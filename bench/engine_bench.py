@@ -21,9 +21,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.fixtures.engine_repo import GitDaemon, build_engine_repo  # noqa: E402
-from tests.rigs import harness  # noqa: E402
-from tests.rigs.pyinfra_results import check_first_run, run_pyinfra  # noqa: E402
+import lab.rigs  # noqa: E402
+from lab.rigs.pyinfra_results import check_first_run, run_pyinfra  # noqa: E402
+from lab.standins.engine_repo import GitDaemon, build_engine_repo  # noqa: E402
 
 ENGINES_ONLY = """\
 from pyinfra import host
@@ -73,7 +73,7 @@ def main() -> None:
             deploy = str(tmp / "engines_only.py")
             Path(deploy).write_text(ENGINES_ONLY)
 
-        with harness.Fleet() as fleet, GitDaemon(tmp / "srv", bind_ip=fleet.host_ip) as git:
+        with lab.rigs.Fleet() as fleet, GitDaemon(tmp / "srv", bind_ip=fleet.host_ip) as git:
             (rig,) = fleet.start(["bench"])
 
             def inventory(tag):

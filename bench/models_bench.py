@@ -23,14 +23,14 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from tests.fixtures.gguf_gen import write_padded_model  # noqa: E402
-from tests.fixtures.hf_server import HFServer  # noqa: E402
-from tests.rigs import harness  # noqa: E402
-from tests.rigs.pyinfra_results import (  # noqa: E402
+import lab.rigs  # noqa: E402
+from lab.rigs.pyinfra_results import (  # noqa: E402
     check_first_run,
     check_no_changes,
     run_pyinfra,
 )
+from lab.standins.gguf_gen import write_padded_model  # noqa: E402
+from lab.standins.hf_server import HFServer  # noqa: E402
 
 FETCH = REPO_ROOT / "llm_garage" / "files" / "garage-fetch"
 REPO = "bench/Padded-GGUF"
@@ -47,7 +47,7 @@ models.converge(rig)
 """
 
 
-def timed_on_rig(rig: harness.Rig, command: str) -> float:
+def timed_on_rig(rig: lab.rigs.Rig, command: str) -> float:
     """Seconds `command` took on the rig, timed there (no SSH overhead)."""
     script = (f"s=$(date +%s.%N); {command} >/dev/null || exit 1; e=$(date +%s.%N); "
               'echo "$s $e"')
@@ -63,7 +63,7 @@ def main() -> int:
     args = parser.parse_args()
     size = int(args.size_gb * 10**9)
 
-    with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp, harness.Fleet() as fleet:
+    with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp, lab.rigs.Fleet() as fleet:
         tmp = Path(tmp)
         big_rig, small_rig = fleet.start(["big", "small"])
         big_file = write_padded_model(tmp / "Padded-Big.gguf", size)

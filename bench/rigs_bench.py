@@ -7,7 +7,7 @@ then per fleet size: the first run of ``deploy.py``, its no-op re-run (median; e
 must change nothing on any rig) and ``pyinfra exec -- true`` (median), and the 8-rig / 1-rig
 ratios. Each size gets its own fresh rigs, so every first run starts from the same state.
 
-The deploy runs on the stand-ins the end-to-end tests use (tests/e2e/serving.py): a small
+The deploy runs on the stand-ins the end-to-end tests use (lab/serving.py): a small
 llama.cpp-like fixture repository served by git daemon (one CPU-only engine at tag b6), the
 Hugging Face stand-in serving a tiny split GGUF (one model, one profile), one stand-in
 RTX 3090 per rig, and opencode_client on the first rig of each fleet. The first run builds
@@ -15,7 +15,7 @@ the engine on every rig at once, on this machine's cores: the table also shows e
 slowest engine build (the `seconds` of the build stamps written on the rigs) and the first
 run without it.
 
---smoke times tests/e2e/deploys/smoke.py (a file and a systemd unit) instead of deploy.py.
+--smoke times lab/deploys/smoke.py (a file and a systemd unit) instead of deploy.py.
 """
 
 from __future__ import annotations
@@ -31,8 +31,15 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from llm_garage.operations.engine import parse_stamp  # noqa: E402
-from tests.e2e.serving import (  # noqa: E402
+import lab.rigs  # noqa: E402
+from lab.rigs.pyinfra_results import (  # noqa: E402
+    NotConvergedError,
+    PyinfraResult,
+    check_first_run,
+    check_no_changes,
+    run_pyinfra,
+)
+from lab.serving import (  # noqa: E402
     controller_env,
     install_fake_gpus,
     make_engine_repo,
@@ -40,17 +47,10 @@ from tests.e2e.serving import (  # noqa: E402
     profile,
     rig_data,
 )
-from tests.fixtures.engine_repo import GitDaemon  # noqa: E402
-from tests.rigs import harness  # noqa: E402
-from tests.rigs.pyinfra_results import (  # noqa: E402
-    NotConvergedError,
-    PyinfraResult,
-    check_first_run,
-    check_no_changes,
-    run_pyinfra,
-)
+from lab.standins.engine_repo import GitDaemon  # noqa: E402
+from llm_garage.operations.engine import parse_stamp  # noqa: E402
 
-SMOKE = "tests/e2e/deploys/smoke.py"
+SMOKE = "lab/deploys/smoke.py"
 DEPLOY = "deploy.py"
 SIZES = (1, 2, 8)
 EXEC_TRUE = ("exec", "--", "true")
@@ -100,7 +100,7 @@ def _medians(inventory: Path, deploy: str, names: list[str], repeat: int, env=No
     return statistics.median(noops), statistics.median(cpus), statistics.median(execs)
 
 
-def smoke_rows(fleet: harness.Fleet, names: dict[int, list[str]], tmp: Path, repeat: int):
+def smoke_rows(fleet: lab.rigs.Fleet, names: dict[int, list[str]], tmp: Path, repeat: int):
     rows = []
     for n in SIZES:
         inventory = fleet.write_inventory(tmp / f"inv{n}.py", names[n])
@@ -110,12 +110,12 @@ def smoke_rows(fleet: harness.Fleet, names: dict[int, list[str]], tmp: Path, rep
     return rows
 
 
-def build_stamp(rig: harness.Rig) -> dict[str, str]:
+def build_stamp(rig: lab.rigs.Rig) -> dict[str, str]:
     """The stamp of the engine build in use on the rig (written by garage-build)."""
     return parse_stamp(rig.ssh(f"cat {CURRENT_STAMP}").stdout.splitlines())
 
 
-def deploy_rows(fleet: harness.Fleet, names: dict[int, list[str]], tmp: Path, repeat: int):
+def deploy_rows(fleet: lab.rigs.Fleet, names: dict[int, list[str]], tmp: Path, repeat: int):
     make_engine_repo(tmp / "engines")
     with GitDaemon(tmp / "engines", bind_ip=fleet.host_ip) as git, \
             make_hub(fleet.host_ip, tmp / "hub") as hub:
@@ -153,9 +153,9 @@ def main() -> int:
                         help=f"time {SMOKE} instead of {DEPLOY}")
     args = parser.parse_args()
 
-    had_base = harness.base_path().joinpath(".garage-base").is_file()
-    base_s, _ = _timed(harness.ensure_base)
-    with tempfile.TemporaryDirectory(prefix="rigs-bench-") as tmp, harness.Fleet() as fleet:
+    had_base = lab.rigs.base_path().joinpath(".garage-base").is_file()
+    base_s, _ = _timed(lab.rigs.ensure_base)
+    with tempfile.TemporaryDirectory(prefix="rigs-bench-") as tmp, lab.rigs.Fleet() as fleet:
         boot_s, _ = _timed(lambda: fleet.start(["boot1"]))
         names = {n: [f"n{n}r{i}" for i in range(1, n + 1)] for n in SIZES}
         all_names = [name for n in SIZES for name in names[n]]

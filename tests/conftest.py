@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.rigs import harness
-from tests.rigs.pyinfra_results import (
+import lab.rigs
+from lab.rigs.pyinfra_results import (
     REPO_ROOT,
     PyinfraResult,
     check_first_run,
@@ -44,7 +44,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def _require_rigs() -> None:
-    missing = harness.missing_requirements()
+    missing = lab.rigs.missing_requirements()
     if not missing:
         return
     reason = "e2e tests need " + ", ".join(missing)
@@ -86,29 +86,29 @@ def repo_root() -> Path:
     return REPO_ROOT
 
 
-def _fleet() -> Iterator[harness.Fleet]:
+def _fleet() -> Iterator[lab.rigs.Fleet]:
     _require_rigs()
-    with harness.Fleet() as fleet:
+    with lab.rigs.Fleet() as fleet:
         yield fleet
 
 
 @pytest.fixture
-def fleet() -> Iterator[harness.Fleet]:
+def fleet() -> Iterator[lab.rigs.Fleet]:
     """A fresh fleet (bridge, subnet, SSH key) torn down after the test."""
     yield from _fleet()
 
 
 @pytest.fixture(scope="module")
-def module_fleet() -> Iterator[harness.Fleet]:
+def module_fleet() -> Iterator[lab.rigs.Fleet]:
     """A fleet shared by the tests of one module, torn down after the module."""
     yield from _fleet()
 
 
 @pytest.fixture
-def start_rigs(fleet: harness.Fleet) -> Callable[..., list[harness.Rig]]:
+def start_rigs(fleet: lab.rigs.Fleet) -> Callable[..., list[lab.rigs.Rig]]:
     """Starts rigs in `fleet`: ``start_rigs("gpu1", "gpu2")`` or ``start_rigs(3)``."""
 
-    def start(*names: str | int) -> list[harness.Rig]:
+    def start(*names: str | int) -> list[lab.rigs.Rig]:
         if len(names) == 1 and isinstance(names[0], int):
             first = len(fleet.rigs) + 1
             names = tuple(f"rig{i}" for i in range(first, first + names[0]))
@@ -118,7 +118,7 @@ def start_rigs(fleet: harness.Fleet) -> Callable[..., list[harness.Rig]]:
 
 
 @pytest.fixture
-def write_inventory(fleet: harness.Fleet, tmp_path: Path) -> Callable[..., Path]:
+def write_inventory(fleet: lab.rigs.Fleet, tmp_path: Path) -> Callable[..., Path]:
     """Writes a pyinfra inventory for rigs of `fleet` into the test's tmp_path.
 
     ``write_inventory({"rig1": {"some_data": 1}}, groups={"gpu": ["rig1"]})``; a list of rig

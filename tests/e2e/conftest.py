@@ -3,8 +3,8 @@ served by git daemon on the fleet's bridge, and the Hugging Face stand-in with a
 
 import pytest
 
-from tests.e2e.serving import make_engine_repo, make_hub
-from tests.fixtures.engine_repo import GitDaemon
+from lab.serving import make_engine_repo, make_hub
+from lab.standins.engine_repo import GitDaemon
 
 
 @pytest.fixture(scope="module")

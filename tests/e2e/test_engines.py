@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from llm_garage.settings import flags_hash, load_rig
-from tests.e2e.serving import (
+from lab.serving import (
     controller_env,
     engine,
     make_engine_repo,
@@ -21,8 +20,9 @@ from tests.e2e.serving import (
     service,
     starts,
 )
-from tests.fakes import fake_gpu_files
-from tests.fixtures.engine_repo import GitDaemon, build_engine_repo
+from lab.standins.engine_repo import GitDaemon, build_engine_repo
+from lab.standins.gpu import fake_gpu_files
+from llm_garage.settings import flags_hash, load_rig
 
 pytestmark = pytest.mark.e2e
 

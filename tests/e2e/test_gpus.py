@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.e2e.serving import (
+from lab.serving import (
     controller_env,
     gpu_state,
     install_fake_gpus,

@@ -11,9 +11,9 @@ import time
 
 import pytest
 
-from tests.fixtures.gguf_gen import write_padded_model, write_split_model
-from tests.fixtures.hf_server import HFServer
-from tests.rigs.pyinfra_results import REPO_ROOT
+from lab.rigs.pyinfra_results import REPO_ROOT
+from lab.standins.gguf_gen import write_padded_model, write_split_model
+from lab.standins.hf_server import HFServer
 
 pytestmark = pytest.mark.e2e
 

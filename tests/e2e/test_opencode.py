@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from llm_garage import opencode
-from tests.e2e.serving import (
+from lab.opencode_cli import opencode_models
+from lab.serving import (
     API_KEY,
     API_KEY_ENV,
     controller_env,
@@ -16,7 +16,7 @@ from tests.e2e.serving import (
     rig_data,
     sh,
 )
-from tests.opencode_cli import opencode_models
+from llm_garage import opencode
 
 pytestmark = pytest.mark.e2e
 

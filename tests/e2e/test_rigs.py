@@ -15,15 +15,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.rigs import harness
-from tests.rigs.pyinfra_results import (
+import lab.rigs
+from lab.rigs.pyinfra_results import (
     NotConvergedError,
     ResultParseError,
     converge_runs,
     parse_pyinfra_output,
 )
 
-SMOKE = "tests/e2e/deploys/smoke.py"
+SMOKE = "lab/deploys/smoke.py"
 PR_SET_CHILD_SUBREAPER = 36
 
 # ---------------------------------------------------------------------------------------------
@@ -37,9 +37,9 @@ TEXT_FIRST = """\
     [rig1] Connected
 
 --> Preparing operation files...
-    Loading: tests/e2e/deploys/smoke.py
-    [rig1] Ready: tests/e2e/deploys/smoke.py
-    [rig2] Ready: tests/e2e/deploys/smoke.py
+    Loading: lab/deploys/smoke.py
+    [rig1] Ready: lab/deploys/smoke.py
+    [rig2] Ready: lab/deploys/smoke.py
 
 --> Skipping change detection
 --> Beginning operation run...
@@ -73,9 +73,9 @@ TEXT_ONE_CHANGE = """\
     [rig1] Connected
 
 --> Preparing operation files...
-    Loading: tests/e2e/deploys/smoke.py
-    [rig1] Ready: tests/e2e/deploys/smoke.py
-    [rig2] Ready: tests/e2e/deploys/smoke.py
+    Loading: lab/deploys/smoke.py
+    [rig1] Ready: lab/deploys/smoke.py
+    [rig2] Ready: lab/deploys/smoke.py
 
 --> Skipping change detection
 --> Beginning operation run...
@@ -263,7 +263,7 @@ def test_gate_passes_when_the_second_run_changes_nothing():
 
 GATE_TESTS = """
 import pytest
-from tests.rigs.pyinfra_results import parse_pyinfra_output
+from lab.rigs.pyinfra_results import parse_pyinfra_output
 
 NO_CHANGES = {no_changes!r}
 
@@ -284,7 +284,7 @@ def test_not_e2e():
 
 
 def test_e2e_tests_must_pass_the_gate(pytester, monkeypatch, repo_root):
-    monkeypatch.setattr(harness, "missing_requirements", lambda: [])
+    monkeypatch.setattr(lab.rigs, "missing_requirements", lambda: [])
     pytester.syspathinsert(repo_root)
     pytester.makeconftest("from tests.conftest import *  # noqa: F403\n")
     pytester.makepyfile(test_gate=GATE_TESTS.format(no_changes=_json_run({})))
@@ -294,7 +294,7 @@ def test_e2e_tests_must_pass_the_gate(pytester, monkeypatch, repo_root):
 
 
 def test_e2e_tests_fail_without_rig_tools_unless_skipped(pytester, monkeypatch, repo_root):
-    monkeypatch.setattr(harness, "missing_requirements", lambda: ["command 'debootstrap'"])
+    monkeypatch.setattr(lab.rigs, "missing_requirements", lambda: ["command 'debootstrap'"])
     pytester.syspathinsert(repo_root)
     pytester.makeconftest("from tests.conftest import *  # noqa: F403\n")
     pytester.makepyfile(test_gate=GATE_TESTS.format(no_changes=_json_run({})))
@@ -341,7 +341,7 @@ def _leftovers(entry: dict, pids: list[int]) -> list[str]:
     ]
     if Path(entry["dir"]).exists():
         found.append(f"dir {entry['dir']}")
-    if any(e["name"] == entry["name"] for e in harness.list_fleets()):
+    if any(e["name"] == entry["name"] for e in lab.rigs.list_fleets()):
         found.append(f"registry entry {entry['name']}")
     return found
 
@@ -423,7 +423,7 @@ def test_two_rigs_boot_converge_and_reboot(
 
 @pytest.mark.e2e
 def test_teardown_and_crash_cleanup_leave_nothing_behind(tmp_path, converge, repo_root):
-    with harness.Fleet() as fleet:
+    with lab.rigs.Fleet() as fleet:
         rigs = fleet.start(["alpha", "beta"])
         entry = dict(fleet.entry)
         pids = [rig.pid for rig in rigs]
@@ -444,8 +444,8 @@ def test_teardown_and_crash_cleanup_leave_nothing_behind(tmp_path, converge, rep
     # A fleet whose owner dies (SIGKILL, no teardown) is cleaned up by the next fleet.
     script = (
         "import json, os, signal\n"
-        "from tests.rigs import harness\n"
-        "fleet = harness.Fleet()\n"
+        "import lab.rigs\n"
+        "fleet = lab.rigs.Fleet()\n"
         "rig, = fleet.start(['crash'])\n"
         "print(json.dumps({'entry': fleet.entry, 'pid': rig.pid}), flush=True)\n"
         "os.kill(os.getpid(), signal.SIGKILL)\n"
@@ -467,5 +467,5 @@ def test_teardown_and_crash_cleanup_leave_nothing_behind(tmp_path, converge, rep
     assert proc.returncode == -9, proc.stderr
     crashed = json.loads(proc.stdout)
     assert _pid_alive(crashed["pid"]), "the crashed fleet's rig should outlive its owner"
-    harness.cleanup_stale()  # (a concurrent session may have done it already)
+    lab.rigs.cleanup_stale()  # (a concurrent session may have done it already)
     assert _leftovers(crashed["entry"], [crashed["pid"]]) == []

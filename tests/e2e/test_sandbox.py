@@ -13,14 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from tests import sandbox
-from tests.rigs import harness
-from tests.rigs.pyinfra_results import REPO_ROOT
+import lab.rigs
+from lab import sandbox
+from lab.rigs.pyinfra_results import REPO_ROOT
 
 
 def _runner(*args: str, env: dict[str, str], timeout: float = 2400) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "tests.sandbox", *args],
+        [sys.executable, "-m", "lab.sandbox", *args],
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout,
         stdin=subprocess.DEVNULL,
     )
@@ -42,7 +42,7 @@ def test_sandbox_up_answers_converges_reuses_and_down_leaves_nothing(tmp_path, c
         up = _runner("up", env=env)
         assert up.returncode == 0, _output(up)
         state = json.loads(state_file.read_text())
-        bridge = next(e["bridge"] for e in harness.list_fleets() if e["name"] == name)
+        bridge = next(e["bridge"] for e in lab.rigs.list_fleets() if e["name"] == name)
         rig_ip = state["rig"]["ip"]
 
         # The runner showed the model answering on its port and a second deploy changing nothing.
@@ -64,7 +64,7 @@ def test_sandbox_up_answers_converges_reuses_and_down_leaves_nothing(tmp_path, c
             ["./scripts/rigs", "ssh", "--name", name, sandbox.RIG, "hostname"], cwd=REPO_ROOT,
             capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
         assert (login.returncode, login.stdout.strip()) == (0, sandbox.RIG), login.stderr
-        rig = harness.Fleet.attach(name).rig(sandbox.RIG)
+        rig = lab.rigs.Fleet.attach(name).rig(sandbox.RIG)
         opencode = json.loads(rig.ssh(f"cat {sandbox.OPENCODE_JSON}").stdout)
         assert sandbox.FIXTURE_ALIAS in json.dumps(opencode["provider"])
         assert f"http://{rig_ip}:{sandbox.SERVE_PORT}/v1" in json.dumps(opencode["provider"])
@@ -89,7 +89,7 @@ def test_sandbox_up_answers_converges_reuses_and_down_leaves_nothing(tmp_path, c
     assert f"sandbox {name} is down" in down.stdout
 
     # Nothing left behind: fleet, rig, bridge, files, state, stand-in processes.
-    assert all(e["name"] != name for e in harness.list_fleets())
+    assert all(e["name"] != name for e in lab.rigs.list_fleets())
     assert bridge and not Path(f"/sys/class/net/{bridge}").exists()
     assert not work.exists() and not state_file.exists()
     assert not (sandbox.state_root() / f"sandbox-{name}.lock").exists()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.e2e.serving import (
+from lab.serving import (
     API_KEY,
     API_KEY_ENV,
     FIRST_SHARD,

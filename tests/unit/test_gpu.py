@@ -15,7 +15,7 @@ from llm_garage.facts.gpu import GPU_TABLE_COMMAND, Gpu, GpuTable, parse_gpu_tab
 from llm_garage.operations import gpu as gpu_ops
 from llm_garage.operations.gpu import GpuSettingsError, PowerChange, plan_power
 
-FAKE_SMI = Path(__file__).resolve().parents[1] / "fakes" / "nvidia-smi"
+FAKE_SMI = Path(__file__).resolve().parents[2] / "lab" / "standins" / "gpu" / "nvidia-smi"
 
 TABLE_3090 = [
     "0, NVIDIA GeForce RTX 3090, 350.00, 100.00, 350.00, Enabled",

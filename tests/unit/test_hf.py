@@ -8,9 +8,9 @@ import socket
 
 import pytest
 
+from lab.standins.hf_server import HFServer
 from llm_garage import hf
 from llm_garage.hf import ResolveProblem, Resolver, Spec
-from tests.fixtures.hf_server import HFServer
 
 TOKEN = "hf_unit_test_token_fedcba9876543210"
 SPLIT = {f"UD-Q6_K_XL/Big-UD-Q6_K_XL-0000{i}-of-00004.gguf": bytes([i]) * (3000 + i)

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from lab.standins.hf_server import HFServer
 from llm_garage import lock
 from llm_garage.lock import Lock, LockError
 from llm_garage.settings import load_rig
-from tests.fixtures.hf_server import HFServer
 
 REPO = Path(__file__).resolve().parents[2]
 TOKEN = "hf_lock_test_token_0123456789abcdef"

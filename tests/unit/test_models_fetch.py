@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures.hf_server import HFServer
+from lab.standins.hf_server import HFServer
 
 FETCH = Path(__file__).resolve().parents[2] / "llm_garage" / "files" / "garage-fetch"
 TOKEN = "hf_fetch_test_token_5555aaaa9999"

@@ -11,10 +11,10 @@ import pytest
 from pyinfra.api import FileUploadCommand, StringCommand
 from pyinfra.context import ctx_host
 
+from lab.opencode_cli import opencode_models
 from llm_garage import opencode
 from llm_garage.operations import opencode as opencode_ops
 from llm_garage.settings import load_rig
-from tests.opencode_cli import opencode_models
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from lab import sandbox
+from lab.rigs.pyinfra_results import REPO_ROOT
 from llm_garage.settings import load_rig
-from tests import sandbox
-from tests.rigs.pyinfra_results import REPO_ROOT
 
 INVENTORY = REPO_ROOT / "inventory" / "sandbox.py"
 

@@ -1,6 +1,6 @@
-"""What the end-to-end tests of services, GPUs and opencode share: a fixture engine repository
-(llama.cpp flavour, tags b6 and b8 that build), a fake Hugging Face hub with a tiny split
-model, host data for rigs that serve it, and readings taken on the rigs."""
+"""What the end-to-end tests of services, GPUs and opencode, and bench/rigs_bench.py, share: a
+fixture engine repository (llama.cpp flavour, tags b6 and b8 that build), a fake Hugging Face
+hub with a tiny split model, host data for rigs that serve it, and readings taken on the rigs."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import json
 import shlex
 from pathlib import Path
 
-from tests.fakes import fake_gpu_files
-from tests.fixtures.engine_repo import EngineRepo, build_engine_repo
-from tests.fixtures.gguf_gen import write_split_model
-from tests.fixtures.hf_server import HFServer
+from lab.standins.engine_repo import EngineRepo, build_engine_repo
+from lab.standins.gguf_gen import write_split_model
+from lab.standins.gpu import fake_gpu_files
+from lab.standins.hf_server import HFServer
 
 MODEL_REPO = "garage/Tiny-GGUF"
 MODEL = {"repo": MODEL_REPO, "revision": "main", "quant": "Q4_K_M"}

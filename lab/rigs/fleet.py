@@ -1,559 +1,60 @@
-"""Test rigs: Debian bookworm systemd-nspawn containers booted with systemd as PID 1.
-
-A rig is an overlayfs copy of a cached base root filesystem, booted by ``systemd-nspawn -b``
-inside its own network namespace, attached by a veth pair to a host bridge that belongs to
-its fleet. Rigs are reached over SSH as root with a key the fleet generates, which is how
-pyinfra reaches them too.
-
-Fleets coexist: each allocates its own bridge and /24 subnet under an flock'd registry file,
-and records what it started (nspawn PIDs, mounts, namespaces) so that a later run can clean
-up after a fleet whose owner died.
-
-Everything here is plain subprocess calls to ip, iptables, mount, systemd-nspawn, ssh-keygen
-and ssh; it needs root.
-
-Environment: ``GARAGE_RIG_CACHE`` (base rootfs cache, default /var/cache/llm-garage/rigs),
-``GARAGE_RIG_STATE`` (registry and fleet state, default /var/tmp/llm-garage-rigs).
-"""
+"""Rigs and fleets: rigs on overlayfs over the base image, booted by systemd-nspawn, reached
+over SSH; a fleet starts them, writes their pyinfra inventory and tears them down."""
 
 from __future__ import annotations
 
 import ast
 import contextlib
-import fcntl
-import hashlib
-import json
 import logging
 import os
 import re
 import shlex
 import shutil
-import signal
 import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lab.rigs.host import (
+    RigError,
+    _boot_id,
+    _is_mounted,
+    _is_our_nspawn,
+    _is_zombie,
+    _kill_pid,
+    _proc_start_time,
+    _run,
+    _step,
+    _umount,
+    missing_requirements,
+)
+from lab.rigs.image import ensure_base
+from lab.rigs.network import (
+    BRIDGE_PREFIX,
+    FIRST_RIG_OCTET,
+    SUBNET_PREFIX,
+    _add_fleet_network,
+    _add_rig_link,
+    _free_index,
+    _host_resolv_conf,
+)
+from lab.rigs.registry import _cleanup_entry, _Registry, _state_root, cleanup_stale
+
 log = logging.getLogger("garage.rigs")
 
-HARNESS_VERSION = 1
-SUITE = "bookworm"
-MIRROR = "http://deb.debian.org/debian"
-SECURITY_MIRROR = "http://deb.debian.org/debian-security"
-
-# Installed into the base: the deploys under test install their build dependencies with apt,
-# and finding them already there keeps the tests fast and offline.
-BASE_PACKAGES: tuple[str, ...] = (
-    "systemd",
-    "systemd-sysv",
-    "dbus",
-    "openssh-server",
-    "python3",
-    "git",
-    "curl",
-    "ca-certificates",
-    "sudo",
-    "iproute2",
-    "procps",
-    "build-essential",
-    "cmake",
-    "ccache",
-    "libssl-dev",
-    "openssl",
-)
-
-# Units that only get in the way inside a short-lived test container.
-MASKED_UNITS: tuple[str, ...] = (
-    "apt-daily.timer",
-    "apt-daily-upgrade.timer",
-    "apt-daily.service",
-    "apt-daily-upgrade.service",
-    "e2scrub_all.timer",
-    "e2scrub_reap.service",
-    "fstrim.timer",
-    "man-db.timer",
-    "systemd-networkd-wait-online.service",
-    "systemd-journal-flush.service",  # the journal is volatile: nothing to flush
-    "getty@tty1.service",
-)
-
-DEFAULT_CACHE_DIR = Path("/var/cache/llm-garage/rigs")
-DEFAULT_STATE_ROOT = Path("/var/tmp/llm-garage-rigs")
-SUBNET_PREFIX = "10.213"
-BRIDGE_PREFIX = "grgbr"
-FIRST_RIG_OCTET = 10
-MAX_FLEETS = 250
-
-REQUIRED_TOOLS = (
-    "debootstrap",
-    "systemd-nspawn",
-    "ip",
-    "iptables",
-    "mount",
-    "umount",
-    "ssh",
-    "ssh-keygen",
-)
-
 BOOT_TIMEOUT = 90.0
-STOP_GRACE = 10.0
 
 _RIG_NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
 _FLEET_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
-class RigError(RuntimeError):
-    """A rig or fleet could not be created, reached or torn down."""
-
-
-# --------------------------------------------------------------------------------------------
-# small helpers
-
-
-@contextlib.contextmanager
-def _step(what: str) -> Iterator[None]:
-    start = time.monotonic()
-    log.info("%s ...", what)
-    try:
-        yield
-    except BaseException:
-        log.info("%s failed after %.2fs", what, time.monotonic() - start)
-        raise
-    log.info("%s done in %.2fs", what, time.monotonic() - start)
-
-
-def _run(
-    args: Sequence[str], check: bool = True, timeout: float | None = 120, **kwargs
-) -> subprocess.CompletedProcess:
-    log.debug("run: %s", shlex.join(args))
-    kwargs.setdefault("stdin", subprocess.DEVNULL)
-    proc = subprocess.run(list(args), capture_output=True, text=True, timeout=timeout, **kwargs)
-    if check and proc.returncode != 0:
-        raise RigError(
-            f"command failed ({proc.returncode}): {shlex.join(args)}\n"
-            f"{proc.stdout}{proc.stderr}".rstrip()
-        )
-    return proc
-
-
 def _ssh_keygen(path: Path, comment: str) -> None:
     """A new ed25519 key pair without passphrase at `path` (and `path`.pub)."""
     _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)])
-
-
-def _cache_dir() -> Path:
-    return Path(os.environ.get("GARAGE_RIG_CACHE") or DEFAULT_CACHE_DIR)
-
-
-def _state_root() -> Path:
-    return Path(os.environ.get("GARAGE_RIG_STATE") or DEFAULT_STATE_ROOT)
-
-
-def _boot_id() -> str:
-    return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-
-
-def _proc_start_time(pid: int) -> int | None:
-    """Start time of a process in clock ticks since boot, or None if it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # comm may contain spaces and parentheses: fields restart after the last ')'.
-    return int(stat.rsplit(")", 1)[1].split()[19])
-
-
-def _proc_cmdline(pid: int) -> list[str]:
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return []
-    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
-
-
-def _is_our_nspawn(pid: int, root_dir: str) -> bool:
-    cmd = _proc_cmdline(pid)
-    return bool(cmd) and Path(cmd[0]).name == "systemd-nspawn" and root_dir in cmd
-
-
-def _is_mounted(path: Path) -> bool:
-    target = os.path.realpath(path)
-    with open("/proc/self/mountinfo") as fh:
-        for line in fh:
-            mount_point = line.split()[4].encode().decode("unicode_escape")
-            if mount_point == target:
-                return True
-    return False
-
-
-def _umount(path: Path) -> None:
-    for _ in range(20):
-        if not _is_mounted(path):
-            return
-        if _run(["umount", str(path)], check=False).returncode == 0:
-            continue
-        time.sleep(0.25)
-    if _is_mounted(path):
-        log.warning("lazy unmount of busy %s", path)
-        _run(["umount", "-l", str(path)], check=False)
-
-
-def _kill_pid(pid: int, grace: float = STOP_GRACE) -> None:
-    """SIGTERM, then SIGKILL after `grace` seconds; waits until the process is gone."""
-    start_time = _proc_start_time(pid)
-    if start_time is None:
-        return
-
-    def alive() -> bool:
-        # Reaps our own children; for others, the /proc entry disappears (or is reused).
-        with contextlib.suppress(ChildProcessError):
-            if os.waitpid(pid, os.WNOHANG)[0] == pid:
-                return False
-        return _proc_start_time(pid) == start_time and not _is_zombie(pid)
-
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, sig)
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            if not alive():
-                return
-            time.sleep(0.05)
-        if sig == signal.SIGTERM:
-            log.warning("pid %d ignored SIGTERM for %.0fs, sending SIGKILL", pid, grace)
-    raise RigError(f"pid {pid} survived SIGKILL")
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat.rsplit(")", 1)[1].split()[0] == "Z"
-
-
-def missing_requirements() -> list[str]:
-    """What this machine lacks to run rigs (empty when all is there)."""
-    missing = []
-    if os.geteuid() != 0:
-        missing.append(f"root privileges (running as uid {os.geteuid()})")
-    missing += [f"command {tool!r}" for tool in REQUIRED_TOOLS if shutil.which(tool) is None]
-    try:
-        if "overlay" not in Path("/proc/filesystems").read_text():
-            missing.append("overlayfs support in the kernel")
-    except OSError:
-        missing.append("/proc/filesystems")
-    return missing
-
-
-# --------------------------------------------------------------------------------------------
-# base root filesystem
-
-
-def base_key() -> str:
-    spec = json.dumps(
-        {
-            "version": HARNESS_VERSION,
-            "suite": SUITE,
-            "mirror": MIRROR,
-            "packages": sorted(BASE_PACKAGES),
-            "masked": sorted(MASKED_UNITS),
-        },
-        sort_keys=True,
-    )
-    return hashlib.sha256(spec.encode()).hexdigest()[:16]
-
-
-def base_path(cache_dir: Path | None = None) -> Path:
-    return (cache_dir or _cache_dir()) / f"base-{base_key()}"
-
-
-def ensure_base(cache_dir: Path | None = None) -> Path:
-    """The cached base root filesystem, built first if missing. Safe to call concurrently."""
-    cache_dir = cache_dir or _cache_dir()
-    final = base_path(cache_dir)
-    if (final / ".garage-base").is_file():
-        return final
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with open(cache_dir / ".build.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if (final / ".garage-base").is_file():
-            return final
-        for stale in [*cache_dir.glob(".tmp-base-*"), *cache_dir.glob(".trash-base-*")]:
-            log.info("removing half-built base %s", stale)
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp = cache_dir / f".tmp-base-{base_key()}-{os.getpid()}"
-        with _step(f"building base rootfs {final.name} (debootstrap {SUITE}, one-off)"):
-            try:
-                _build_base(tmp, cache_dir / "debs")
-                if final.exists():  # a directory without the marker is not a base
-                    shutil.rmtree(final)
-                os.rename(tmp, final)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-        _remove_unused_bases(cache_dir, keep=final)
-    return final
-
-
-def _remove_unused_bases(cache_dir: Path, keep: Path) -> None:
-    """Old bases (another package list or harness version) that no fleet uses any more."""
-    in_use = {e["base"] for e in list_fleets()} | {str(keep)}
-    for old in cache_dir.glob("base-*"):
-        if str(old) not in in_use:
-            log.info("removing unused base %s (in the background)", old.name)
-            trash = cache_dir / f".trash-{old.name}-{os.getpid()}"
-            os.rename(old, trash)
-            subprocess.Popen(
-                ["rm", "-rf", "--one-file-system", str(trash)],
-                start_new_session=True,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-
-
-def _build_base(root: Path, deb_cache: Path) -> None:
-    deb_cache.mkdir(parents=True, exist_ok=True)
-    with _step("debootstrap"):
-        _run(
-            [
-                "debootstrap",
-                "--variant=minbase",
-                "--components=main",
-                f"--include={','.join(BASE_PACKAGES)}",
-                f"--cache-dir={deb_cache}",
-                SUITE,
-                str(root),
-                MIRROR,
-            ],
-            timeout=1800,
-        )
-
-    def write(rel: str, text: str, mode: int = 0o644) -> None:
-        path = root / rel.lstrip("/")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if path.is_symlink():
-            path.unlink()
-        path.write_text(text)
-        path.chmod(mode)
-
-    write(
-        "/etc/apt/sources.list",
-        f"deb {MIRROR} {SUITE} main\n"
-        f"deb {MIRROR} {SUITE}-updates main\n"
-        f"deb {SECURITY_MIRROR} {SUITE}-security main\n",
-    )
-    write(
-        "/etc/apt/apt.conf.d/90garage-rig",
-        'Acquire::Languages "none";\nAPT::Install-Recommends "false";\n',
-    )
-    write("/etc/dpkg/dpkg.cfg.d/garage-rig-unsafe-io", "force-unsafe-io\n")
-    write("/etc/resolv.conf", _host_resolv_conf())
-    write("/etc/hostname", "rig\n")
-    write(
-        "/etc/ssh/sshd_config.d/garage-rig.conf",
-        "PermitRootLogin prohibit-password\n"
-        "PasswordAuthentication no\n"
-        "KbdInteractiveAuthentication no\n"
-        "UseDNS no\n",
-    )
-    write(
-        "/etc/systemd/journald.conf.d/garage-rig.conf",
-        "[Journal]\nStorage=volatile\nRuntimeMaxUse=16M\n",
-    )
-
-    with _step("apt-get update and upgrade in the base"):
-        env = "DEBIAN_FRONTEND=noninteractive"
-        _run(
-            [
-                "systemd-nspawn",
-                "-q",
-                "-D",
-                str(root),
-                "--register=no",
-                "--keep-unit",
-                "--resolv-conf=off",
-                "--timezone=off",
-                "--link-journal=no",
-                "--pipe",
-                "sh",
-                "-euc",
-                f"apt-get -q update && {env} apt-get -qy -o Dpkg::Options::=--force-confold "
-                "upgrade && apt-get clean",
-            ],
-            timeout=1800,
-        )
-
-    # sshd in a container: pam_loginuid cannot always write the audit login uid.
-    pam = root / "etc/pam.d/sshd"
-    if pam.is_file():
-        pam.write_text(
-            re.sub(
-                r"^session\s+required\s+pam_loginuid\.so",
-                "session optional pam_loginuid.so",
-                pam.read_text(),
-                flags=re.M,
-            )
-        )
-    for key in (root / "etc/ssh").glob("ssh_host_*"):
-        key.unlink()
-    # Empty machine-id: every rig gets its own at first start.
-    write("/etc/machine-id", "", 0o444)
-    dbus_id = root / "var/lib/dbus/machine-id"
-    dbus_id.parent.mkdir(parents=True, exist_ok=True)
-    dbus_id.unlink(missing_ok=True)
-    dbus_id.symlink_to("/etc/machine-id")
-    units = root / "etc/systemd/system"
-    for unit in MASKED_UNITS:
-        link = units / unit
-        link.unlink(missing_ok=True)
-        link.symlink_to("/dev/null")
-    (root / ".garage-base").write_text(
-        json.dumps(
-            {
-                "key": base_key(),
-                "version": HARNESS_VERSION,
-                "suite": SUITE,
-                "packages": list(BASE_PACKAGES),
-                "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            },
-            indent=2,
-        )
-        + "\n"
-    )
-
-
-def _host_resolv_conf() -> str:
-    try:
-        lines = Path("/etc/resolv.conf").read_text().splitlines()
-    except OSError:
-        lines = []
-    servers = [
-        line
-        for line in lines
-        if line.split()[:1] == ["nameserver"] and not line.split()[1].startswith("127.")
-    ]
-    if not servers:
-        log.warning("host has no usable nameserver for rigs; they will not resolve names")
-    return "\n".join(servers) + "\n"
-
-
-# --------------------------------------------------------------------------------------------
-# registry of fleets (one per machine, flock'd)
-
-
-class _Registry:
-    def __init__(self, root: Path | None = None):
-        self.root = root or _state_root()
-        self.path = self.root / "registry.json"
-        self._thread_lock = threading.RLock()
-
-    @contextlib.contextmanager
-    def locked(self) -> Iterator[dict]:
-        """Yields the registry dict; written back when the block exits normally."""
-        with self._thread_lock:
-            self.root.mkdir(parents=True, exist_ok=True)
-            with open(self.root / "registry.lock", "w") as lock:
-                fcntl.flock(lock, fcntl.LOCK_EX)
-                try:
-                    data = json.loads(self.path.read_text())
-                except (OSError, ValueError):
-                    data = {"fleets": {}}
-                yield data
-                tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
-                tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-                os.replace(tmp, self.path)
-
-
-def _entry_is_stale(entry: dict) -> bool:
-    if entry.get("boot_id") != _boot_id():
-        return True
-    owner = entry.get("owner")
-    if owner is None:  # a detached fleet (the CLI's): only `down` removes it
-        return False
-    return _proc_start_time(owner["pid"]) != owner["start_time"]
-
-
-def _cleanup_entry(entry: dict) -> None:
-    """Removes everything a registry entry recorded. Kills only our own nspawn processes."""
-    for rig in entry.get("rigs", {}).values():
-        pid = rig.get("pid")
-        if (
-            pid
-            and rig.get("pid_start") == _proc_start_time(pid)
-            and _is_our_nspawn(pid, rig["merged"])
-        ):
-            log.info("stopping leftover rig %s (pid %d)", rig["name"], pid)
-            _kill_pid(pid)
-    for rig in entry.get("rigs", {}).values():
-        _umount(Path(rig["merged"]))
-        if Path(f"/run/netns/{rig['netns']}").exists():
-            _run(["ip", "netns", "del", rig["netns"]], check=False)
-    _remove_fleet_network(entry)
-    fleet_dir = Path(entry["dir"])
-    if fleet_dir.is_dir() and (fleet_dir / ".garage-fleet").exists():
-        shutil.rmtree(fleet_dir, ignore_errors=True)
-
-
-def _remove_fleet_network(entry: dict) -> None:
-    if entry.get("masquerade"):
-        _run(["iptables", "-t", "nat", "-D", "POSTROUTING", *_masquerade_rule(entry)], check=False)
-    for rule in _forward_rules(entry):
-        _run(["iptables", "-D", "FORWARD", *rule], check=False)
-    if Path(f"/sys/class/net/{entry['bridge']}").exists():
-        _run(["ip", "link", "del", entry["bridge"]], check=False)
-
-
-def _masquerade_rule(entry: dict) -> list[str]:
-    return [
-        "-s",
-        entry["subnet"],
-        "!",
-        "-o",
-        entry["bridge"],
-        "-j",
-        "MASQUERADE",
-        "-m",
-        "comment",
-        "--comment",
-        f"llm-garage {entry['bridge']}",
-    ]
-
-
-def _forward_rules(entry: dict) -> list[list[str]]:
-    comment = ["-m", "comment", "--comment", f"llm-garage {entry['bridge']}"]
-    return [
-        ["-i", entry["bridge"], "-j", "ACCEPT", *comment],
-        ["-o", entry["bridge"], "-j", "ACCEPT", *comment],
-    ]
-
-
-def cleanup_stale(registry: _Registry | None = None) -> list[str]:
-    """Cleans up fleets whose owning process died. Returns their names."""
-    registry = registry or _Registry()
-    cleaned = []
-    with registry.locked() as data:
-        for key, entry in list(data["fleets"].items()):
-            if _entry_is_stale(entry):
-                with _step(f"cleaning up leftovers of fleet {entry['name']!r}"):
-                    _cleanup_entry(entry)
-                del data["fleets"][key]
-                cleaned.append(entry["name"])
-    return cleaned
-
-
-def list_fleets(registry: _Registry | None = None) -> list[dict]:
-    registry = registry or _Registry()
-    with registry.locked() as data:
-        return [dict(entry, stale=_entry_is_stale(entry)) for entry in data["fleets"].values()]
-
-
-# --------------------------------------------------------------------------------------------
-# rigs and fleets
 
 
 @dataclass
@@ -715,8 +216,8 @@ class Fleet:
         with self._registry.locked() as data:
             fleets = data["fleets"]
             if name is not None and any(e["name"] == name for e in fleets.values()):
-                raise RigError(f"fleet {name!r} already exists (see `python -m tests.rigs status`)")
-            self.index = self._allocate(fleets)
+                raise RigError(f"fleet {name!r} already exists (see `python -m lab.rigs status`)")
+            self.index = _free_index(fleets)
             self.name = name or f"fleet{self.index}"
             self.bridge = f"{BRIDGE_PREFIX}{self.index}"
             self.subnet = f"{SUBNET_PREFIX}.{self.index}.0/24"
@@ -746,19 +247,6 @@ class Fleet:
 
     # -- allocation and host network
 
-    @staticmethod
-    def _allocate(fleets: dict) -> int:
-        routes = _run(["ip", "-4", "route", "show"]).stdout
-        for index in range(1, MAX_FLEETS + 1):
-            if str(index) in fleets:
-                continue
-            if Path(f"/sys/class/net/{BRIDGE_PREFIX}{index}").exists():
-                continue
-            if f"{SUBNET_PREFIX}.{index}." in routes:
-                continue
-            return index
-        raise RigError("no free fleet subnet left")
-
     def _setup(self, masquerade: bool) -> None:
         with _step(f"fleet {self.name}: bridge {self.bridge} {self.host_ip}/24"):
             if (self.dir / ".garage-fleet").exists():  # left behind by an unrecorded fleet
@@ -770,14 +258,7 @@ class Fleet:
             (self.dir / ".garage-fleet").write_text(self.name + "\n")
             (self.dir / "rigs").mkdir(exist_ok=True)
             _ssh_keygen(self.ssh_key_path, f"llm-garage-rigs {self.name}")
-            _run(["ip", "link", "add", self.bridge, "type", "bridge"])
-            _run(["ip", "addr", "add", f"{self.host_ip}/24", "dev", self.bridge])
-            _run(["ip", "link", "set", self.bridge, "up"])
-            if masquerade:
-                Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")
-                _run(["iptables", "-t", "nat", "-A", "POSTROUTING", *_masquerade_rule(self.entry)])
-                for rule in _forward_rules(self.entry):
-                    _run(["iptables", "-I", "FORWARD", *rule])
+            _add_fleet_network(self.entry, masquerade)
 
     @property
     def ssh_key_path(self) -> Path:
@@ -848,28 +329,7 @@ class Fleet:
                 (rig.dir / sub).mkdir(parents=True, exist_ok=True)
             self._mount(rig)
             self._first_boot_files(rig)
-            _run(["ip", "netns", "add", rig.netns])
-            _run(
-                [
-                    "ip",
-                    "link",
-                    "add",
-                    rig.veth,
-                    "type",
-                    "veth",
-                    "peer",
-                    "name",
-                    "eth0",
-                    "netns",
-                    rig.netns,
-                ]
-            )
-            _run(["ip", "link", "set", rig.veth, "master", self.bridge, "up"])
-            ns = ["ip", "-n", rig.netns]
-            _run([*ns, "link", "set", "lo", "up"])
-            _run([*ns, "addr", "add", f"{rig.ip}/24", "dev", "eth0"])
-            _run([*ns, "link", "set", "eth0", "up"])
-            _run([*ns, "route", "add", "default", "via", self.host_ip])
+            _add_rig_link(rig.netns, rig.veth, self.bridge, rig.ip, self.host_ip)
         self._boot(rig, timeout=timeout, mounted=True)
 
     def _mount(self, rig: Rig) -> None:
@@ -996,7 +456,7 @@ class Fleet:
         if not isinstance(hosts, dict):
             hosts = {name: {} for name in hosts}
         lines = [
-            f"# pyinfra inventory for test rig fleet {self.name!r}, written by tests.rigs.harness",
+            f"# pyinfra inventory for test rig fleet {self.name!r}, written by lab.rigs.fleet",
             "",
         ]
         entries = []

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from gguf import GGUFReader
 
-from tests.fixtures.gguf_gen import (
+from lab.standins.gguf_gen import (
     CHATML_TEMPLATE,
     read_metadata,
     write_padded_model,

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tests.fakes import FAKES_DIR, fake_gpu_files
+from lab.standins.gpu import FAKES_DIR, fake_gpu_files
 
 NVIDIA_SMI = FAKES_DIR / "nvidia-smi"
 NVCC = FAKES_DIR / "nvcc"

@@ -1,4 +1,4 @@
-"""Test rigs for people: ``python -m tests.rigs up|down|status|ssh`` (or ``scripts/rigs``).
+"""Test rigs for people: ``python -m lab.rigs up|down|status|ssh`` (or ``scripts/rigs``).
 
     up [--name rigs] [--rigs N]    boot N rigs (rig1..rigN) that stay up until `down`
     down [--name rigs]             stop them and remove everything they used
@@ -15,13 +15,14 @@ import logging
 import os
 import sys
 
-from tests.rigs import harness
+import lab.rigs
+from lab.rigs.host import _proc_start_time
 
 DEFAULT_NAME = "rigs"
 
 
 def _up(args: argparse.Namespace) -> int:
-    fleet = harness.Fleet(args.name, detached=True)
+    fleet = lab.rigs.Fleet(args.name, detached=True)
     try:
         rigs = fleet.start([f"rig{i}" for i in range(1, args.rigs + 1)])
         inventory = fleet.write_inventory(fleet.dir / "inventory.py", [r.name for r in rigs])
@@ -42,14 +43,14 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def _down(args: argparse.Namespace) -> int:
-    harness.Fleet.attach(args.name).teardown()
+    lab.rigs.Fleet.attach(args.name).teardown()
     print(f"fleet {args.name} is down")
     return 0
 
 
 def _status(args: argparse.Namespace) -> int:
-    harness.cleanup_stale()
-    fleets = harness.list_fleets()
+    lab.rigs.cleanup_stale()
+    fleets = lab.rigs.list_fleets()
     if not fleets:
         print("no fleets")
     for entry in fleets:
@@ -58,13 +59,13 @@ def _status(args: argparse.Namespace) -> int:
             f"{entry['name']}: {entry['bridge']} {entry['host_ip']} (owner {owner}) {entry['dir']}"
         )
         for rig in entry["rigs"].values():
-            up = rig["pid"] and harness._proc_start_time(rig["pid"]) == rig["pid_start"]
+            up = rig["pid"] and _proc_start_time(rig["pid"]) == rig["pid_start"]
             print(f"  {rig['name']:<10} {rig['ip']:<15} {'up' if up else 'down'}")
     return 0
 
 
 def _ssh(args: argparse.Namespace) -> int:
-    rig = harness.Fleet.attach(args.name).rig(args.rig)
+    rig = lab.rigs.Fleet.attach(args.name).rig(args.rig)
     argv = rig.ssh_args()
     if sys.stdin.isatty():
         argv.insert(1, "-t")
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return {"up": _up, "down": _down, "status": _status, "ssh": _ssh}[args.cmd](args)
-    except harness.RigError as exc:
+    except lab.rigs.RigError as exc:
         print(f"rigs: {exc}", file=sys.stderr)
         return 1
 

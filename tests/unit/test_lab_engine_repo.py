@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.fakes import fake_gpu_files
-from tests.fixtures.engine_repo import build_engine_repo, cmake_build, serve_git
-from tests.fixtures.gguf_gen import write_split_model, write_tiny_model
+from lab.standins.engine_repo import build_engine_repo, cmake_build, serve_git
+from lab.standins.gguf_gen import write_split_model, write_tiny_model
+from lab.standins.gpu import fake_gpu_files
 
 # Small sources keep these builds to seconds; the default size is for ccache measurements.
 LIGHT = {"n_units": 4, "unit_weight": 4}
@@ -496,6 +496,6 @@ def test_fixture_engine_ik_flavour(repos, tmp_path):
 
 
 def test_fixture_engine_template_has_no_build_outputs():
-    engine = Path(__file__).resolve().parents[1] / "fixtures/engine"
+    engine = Path(__file__).resolve().parents[2] / "lab/standins/engine"
     assert not any(p.name == "build" for p in engine.rglob("*"))
     assert shutil.which("git") and shutil.which("cmake")

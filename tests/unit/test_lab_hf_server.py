@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.fixtures.hf_server import HFServer
+from lab.standins.hf_server import HFServer
 
 REPO = "unsloth/Tiny-GGUF"
 SHARDS = {f"Q4/tiny-0000{i}-of-00003.gguf": bytes([i]) * (50_000 + i) for i in (1, 2, 3)}
@@ -288,7 +288,7 @@ def test_fixture_hf_command_line_serves_a_directory(tmp_path):
     (base / "old/model.gguf").write_bytes(b"GGUF-old")
     (base / "hfrepo.json").write_text(json.dumps({"gated": False, "commits": [
         {"dir": "old", "refs": ["v0.1"]}, {"dir": "main", "refs": ["main"]}]}))
-    proc = subprocess.Popen([sys.executable, "-m", "tests.fixtures.hf_server", "--root",
+    proc = subprocess.Popen([sys.executable, "-m", "lab.standins.hf_server", "--root",
                              str(tmp_path / "hub"), "--bind", "127.0.0.1", "--port", "0"],
                             stdout=subprocess.PIPE, text=True,
                             cwd=Path(__file__).resolve().parents[2])

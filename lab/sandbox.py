@@ -1,9 +1,9 @@
 """The sandbox: one local rig that llm-garage deploys to, for trying it out.
 
-    python -m tests.sandbox up [--real [--llama-source PATH_OR_URL] [--ref TAG]
+    python -m lab.sandbox up [--real [--llama-source PATH_OR_URL] [--ref TAG]
                                [--model OWNER/NAME/FILE]] [--vagrant] [-v]
-    python -m tests.sandbox down
-    python -m tests.sandbox status
+    python -m lab.sandbox down
+    python -m lab.sandbox status
 
 `up` boots a test rig named `sandbox` (a systemd-nspawn container, or a Vagrant VM with
 --vagrant), starts stand-ins on this machine for what the rig would fetch from the internet (a
@@ -44,8 +44,9 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-from tests.rigs import harness
-from tests.rigs.pyinfra_results import (
+import lab.rigs
+from lab.rigs.host import _is_zombie, _kill_pid, _proc_cmdline, _proc_start_time
+from lab.rigs.pyinfra_results import (
     ANSI_RE,
     HOST_STATUS_RE,
     OP_START_RE,
@@ -130,7 +131,7 @@ def sandbox_name() -> str:
 
 
 def state_root() -> Path:
-    return Path(os.environ.get("GARAGE_RIG_STATE") or harness.DEFAULT_STATE_ROOT)
+    return Path(os.environ.get("GARAGE_RIG_STATE") or lab.rigs.DEFAULT_STATE_ROOT)
 
 
 def work_dir(name: str) -> Path:
@@ -276,7 +277,7 @@ def prepare_fixture_data(fixtures: Path) -> None:
     git_dir.mkdir(parents=True, exist_ok=True)
     repo = git_dir / FIXTURE_ENGINE_REPO
     if not (repo / "HEAD").exists():
-        from tests.fixtures import engine_repo
+        from lab.standins import engine_repo
 
         tmp = git_dir / ".new"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -287,7 +288,7 @@ def prepare_fixture_data(fixtures: Path) -> None:
         shutil.rmtree(tmp)
     model = fixtures / "hf" / FIXTURE_MODEL_REPO / "main" / FIXTURE_MODEL_FILE
     if not model.exists():
-        from tests.fixtures.gguf_gen import write_tiny_model
+        from lab.standins.gguf_gen import write_tiny_model
 
         model.parent.mkdir(parents=True, exist_ok=True)
         tmp = model.with_name(f".{model.name}.tmp")
@@ -320,9 +321,9 @@ def proc_alive(entry: dict | None) -> bool:
         return False
     pid = entry["pid"]
     return (
-        harness._proc_start_time(pid) == entry["start"]
-        and not harness._is_zombie(pid)
-        and entry["marker"] in harness._proc_cmdline(pid)
+        _proc_start_time(pid) == entry["start"]
+        and not _is_zombie(pid)
+        and entry["marker"] in _proc_cmdline(pid)
     )
 
 
@@ -331,17 +332,17 @@ def find_procs(marker: str) -> list[int]:
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit() and int(entry.name) != os.getpid():
-            if marker in harness._proc_cmdline(int(entry.name)):
+            if marker in _proc_cmdline(int(entry.name)):
                 found.append(int(entry.name))
     return found
 
 
 def stop_proc(entry: dict | None) -> None:
     if proc_alive(entry):
-        harness._kill_pid(entry["pid"], grace=5.0)
+        _kill_pid(entry["pid"], grace=5.0)
     if entry:
         for pid in find_procs(entry["marker"]):
-            harness._kill_pid(pid, grace=5.0)
+            _kill_pid(pid, grace=5.0)
 
 
 def git_daemon_path() -> str:
@@ -363,7 +364,7 @@ def spawn(name: str, argv: list[str], marker: str, logfile: Path) -> dict:
     """Starts `argv` in its own session, outliving this process; returns its record."""
     for pid in find_procs(marker):  # left behind by a sandbox whose state was lost
         log.info("stopping leftover %s (pid %d)", name, pid)
-        harness._kill_pid(pid, grace=5.0)
+        _kill_pid(pid, grace=5.0)
     logfile.parent.mkdir(parents=True, exist_ok=True)
     with open(logfile, "ab") as out:
         proc = subprocess.Popen(
@@ -376,11 +377,11 @@ def spawn(name: str, argv: list[str], marker: str, logfile: Path) -> dict:
             start_new_session=True,
         )
     deadline = time.monotonic() + 10
-    while proc.poll() is None and marker not in harness._proc_cmdline(proc.pid):
+    while proc.poll() is None and marker not in _proc_cmdline(proc.pid):
         if time.monotonic() > deadline:  # not exec'd yet after 10 s: something is wrong
             break
         time.sleep(0.01)
-    return {"pid": proc.pid, "start": harness._proc_start_time(proc.pid), "marker": marker,
+    return {"pid": proc.pid, "start": _proc_start_time(proc.pid), "marker": marker,
             "argv": argv, "log": str(logfile)}
 
 
@@ -409,7 +410,7 @@ def ensure_fixtures(state: dict, fixtures: Path, host_ip: str, out: Out) -> dict
             f"git daemon on git://{host_ip}:{GIT_PORT}/ (engine sources)",
         ),
         "hf-server": (
-            [sys.executable, "-m", "tests.fixtures.hf_server", "--root", str(hf_dir),
+            [sys.executable, "-m", "lab.standins.hf_server", "--root", str(hf_dir),
              "--bind", host_ip, "--port", str(HF_PORT), "--cdn-port", str(HF_CDN_PORT)],
             str(hf_dir), HF_PORT,
             f"Hugging Face stand-in on http://{host_ip}:{HF_PORT} (models)",
@@ -432,10 +433,10 @@ def ensure_fixtures(state: dict, fixtures: Path, host_ip: str, out: Out) -> dict
 # the rig: an nspawn test rig, or a Vagrant VM
 
 
-def nspawn_rig(name: str, out: Out) -> tuple[harness.Fleet, harness.Rig]:
-    harness.cleanup_stale()
-    if any(entry["name"] == name for entry in harness.list_fleets()):
-        fleet = harness.Fleet.attach(name)
+def nspawn_rig(name: str, out: Out) -> tuple[lab.rigs.Fleet, lab.rigs.Rig]:
+    lab.rigs.cleanup_stale()
+    if any(entry["name"] == name for entry in lab.rigs.list_fleets()):
+        fleet = lab.rigs.Fleet.attach(name)
         rig = fleet.rigs.get(RIG)
         if rig is None:
             out.line(f"fleet {name} has no rig {RIG}: starting it")
@@ -446,9 +447,9 @@ def nspawn_rig(name: str, out: Out) -> tuple[harness.Fleet, harness.Rig]:
         else:
             out.line(f"reusing rig {RIG} ({rig.ip}), up since an earlier run")
         return fleet, rig
-    if not (harness.base_path() / ".garage-base").is_file():
+    if not (lab.rigs.base_path() / ".garage-base").is_file():
         out.line("building the rigs' Debian 12 base image first (once; about 3-4 minutes)")
-    fleet = harness.Fleet(name, detached=True)
+    fleet = lab.rigs.Fleet(name, detached=True)
     try:
         rig = fleet.start([RIG])[0]
     except BaseException:
@@ -458,8 +459,8 @@ def nspawn_rig(name: str, out: Out) -> tuple[harness.Fleet, harness.Rig]:
     return fleet, rig
 
 
-def push_fake_gpu_nspawn(rig: harness.Rig) -> None:
-    from tests.fakes import fake_gpu_files
+def push_fake_gpu_nspawn(rig: lab.rigs.Rig) -> None:
+    from lab.standins.gpu import fake_gpu_files
 
     for path, (content, mode) in fake_gpu_files(GPU_MODEL, 1).items():
         rig.put_text(content.decode(), path, mode)
@@ -516,7 +517,7 @@ def ssh_argv(ssh: dict) -> list[str]:
 
 
 def push_fake_gpu_ssh(ssh: dict, sudo: bool) -> None:
-    from tests.fakes import fake_gpu_files
+    from lab.standins.gpu import fake_gpu_files
 
     for path, (content, mode) in fake_gpu_files(GPU_MODEL, 1).items():
         q, tmp = shlex.quote(path), shlex.quote(path + ".garage-put")
@@ -642,7 +643,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             raise SandboxError(f"sandbox {name!r} is up as a {old.get('mode')} rig; run "
                                f"`./scripts/sandbox down` first")
         if mode == "nspawn":
-            missing = harness.missing_requirements()
+            missing = lab.rigs.missing_requirements()
             if missing:
                 raise SandboxError("cannot boot the sandbox rig here, missing: "
                                    + ", ".join(missing) + " (run ./scripts/setup as root)")
@@ -751,7 +752,7 @@ def cmd_down(args: argparse.Namespace) -> int:
                 did.append(f"stopped {key} (pid {entry['pid']})")
         for marker in (f"--base-path={work / 'fixtures' / 'git'}", str(work / "fixtures" / "hf")):
             for pid in find_procs(marker):
-                harness._kill_pid(pid, grace=5.0)
+                _kill_pid(pid, grace=5.0)
                 did.append(f"stopped leftover pid {pid}")
         if state.get("mode") == "vagrant" or (work / VAGRANT_MARKER).exists():
             if shutil.which("vagrant"):
@@ -760,8 +761,8 @@ def cmd_down(args: argparse.Namespace) -> int:
             else:
                 did.append("Vagrant is not installed: no VM to destroy")
             shutil.rmtree(work, ignore_errors=True)
-        elif any(entry["name"] == name for entry in harness.list_fleets()):
-            harness.Fleet.attach(name).teardown()
+        elif any(entry["name"] == name for entry in lab.rigs.list_fleets()):
+            lab.rigs.Fleet.attach(name).teardown()
             did.append(f"removed rig {RIG} and fleet {name}")
         path.unlink(missing_ok=True)
     if did:
@@ -777,7 +778,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     name = sandbox_name()
     path = state_path(name)
     state = read_state(path)
-    fleets = {e["name"]: e for e in harness.list_fleets()} if os.geteuid() == 0 else {}
+    fleets = {e["name"]: e for e in lab.rigs.list_fleets()} if os.geteuid() == 0 else {}
     if state is None and name not in fleets:
         print(f"sandbox {name}: down (start it with ./scripts/sandbox)")
         return 1
@@ -786,7 +787,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if entry:
         rig = entry["rigs"].get(RIG)
         running = bool(rig and rig["pid"]
-                       and harness._proc_start_time(rig["pid"]) == rig["pid_start"])
+                       and _proc_start_time(rig["pid"]) == rig["pid_start"])
         print(f"  rig {RIG:<12}{rig['ip'] if rig else '-':<16}{'up' if running else 'down'}")
     if state:
         if state.get("mode") == "vagrant":
@@ -826,7 +827,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="    %(message)s")
     try:
         return {"up": cmd_up, "down": cmd_down, "status": cmd_status}[args.cmd](args)
-    except (SandboxError, harness.RigError) as e:
+    except (SandboxError, lab.rigs.RigError) as e:
         print(f"\nsandbox: {e}", file=sys.stderr)
         if args.cmd == "up" and state_path(sandbox_name()).exists():
             print("\nThe sandbox stays up so that you can look (./scripts/sandbox status); "
