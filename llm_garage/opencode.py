@@ -4,7 +4,8 @@ user's own file. Pure functions; `tasks/opencode.py` applies them to client host
 One provider per served endpoint. opencode sends a provider's requests to its one
 `options.baseURL`, and the fleet serves each model from its own rig and port, so each enabled
 profile gets a provider `<opencode_provider>-<rig>-<port>` whose `models` holds that server's
-alias (the id its /v1/models answers) with `limit.context` = the profile's -c. The provider
+alias (the id its /v1/models answers) with `limit.context` = the context one request gets
+(the profile's -c, divided by --parallel when that is set). The provider
 keys `<opencode_provider>` and `<opencode_provider>-*` belong to llm-garage: a run replaces
 them all (so a removed profile disappears) and keeps every other key the user wrote."""
 
@@ -53,17 +54,27 @@ def base_url(client: Rig, server: Rig, profile: str) -> str | None:
     return f"http://{_url_host(server.address)}:{port}/v1"
 
 
+def request_context(server: Rig, profile: str) -> int | None:
+    """The context one request gets: llama-server splits -c between its --parallel slots.
+    Without `parallel` the whole -c (the engine picks the slots, and llama.cpp's automatic
+    choice shares one unified cache between them); None when -c is not set."""
+    p = server.profiles[profile]
+    if not p.ctx_size:
+        return None
+    return p.ctx_size // p.parallel if p.parallel else p.ctx_size
+
+
 def model_entry(client: Rig, server: Rig, profile: str) -> dict[str, Any]:
     """The model as opencode needs it: limits only when the context size is known, and then
     both of them (opencode refuses `limit` without `output`). The output limit never exceeds
     the context."""
-    p = server.profiles[profile]
     alias = server.alias(profile)
     entry: dict[str, Any] = {"name": f"{alias} ({server.name})"}
-    if p.ctx_size:
+    context = request_context(server, profile)
+    if context:
         d = client.data
         output = d.opencode_output_limits.get(alias, d.opencode_output_limit)
-        entry["limit"] = {"context": p.ctx_size, "output": min(output, p.ctx_size)}
+        entry["limit"] = {"context": context, "output": min(output, context)}
     return entry
 
 

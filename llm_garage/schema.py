@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -178,6 +179,8 @@ def is_number(lo: float | None = None, hi: float | None = None, positive: bool =
     def inner(value):
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise Invalid(f"expected a number, got {_show(value)}", accepts)
+        if not math.isfinite(value):
+            raise Invalid(f"{value} is not a finite number", accepts)
         if positive and value <= 0:
             raise Invalid(f"{value} is not a positive number", accepts)
         if (lo is not None and value < lo) or (hi is not None and value > hi):

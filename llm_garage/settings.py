@@ -9,8 +9,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import ipaddress
 import json
+import math
 import os
+import posixpath
 import re
 import shlex
 from collections.abc import Mapping
@@ -46,6 +49,14 @@ SHA_RE = re.compile(r"[0-9a-f]{40}")
 NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
 CMAKE_NAME = r"[A-Z][A-Z0-9_]*"
 KV_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1", "q6_0")
+IK_ONLY_KV_TYPES = ("q6_0",)
+UNQUANTIZED_KV_TYPES = ("f32", "f16", "bf16")
+# models_dir is never inside a system tree, nor one of the system folders themselves (a folder
+# of its own inside /srv, /var/lib or /mnt is fine): filling or pruning them breaks the rig.
+SYSTEM_TREES = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/libx32",
+                "/proc", "/sbin", "/sys", "/usr")
+SYSTEM_FOLDERS = ("/", "/home", "/media", "/mnt", "/opt", "/root", "/run", "/srv", "/tmp",
+                  "/var", "/var/lib", "/var/tmp")
 SPLIT_MODES = {
     LLAMA_CPP: ("none", "layer", "row"),
     IK_LLAMA_CPP: ("none", "layer", "attn", "graph"),
@@ -72,6 +83,8 @@ def _cuda_architectures(value):
 def _cmake_value(value):
     if isinstance(value, bool):
         return "ON" if value else "OFF"
+    if isinstance(value, float) and not math.isfinite(value):
+        raise Invalid(f"{value} is not a finite number", "ON/OFF, true/false, a number or text")
     if isinstance(value, int | float | str) and "\n" not in str(value):
         return str(value)
     raise Invalid(f"{value!r} is not a CMake value", "ON/OFF, true/false, a number or text")
@@ -79,6 +92,51 @@ def _cmake_value(value):
 
 def _args(value):
     return list_of(is_str(accepts="a command-line argument"), what="arguments")(value)
+
+
+GIT_REMOTE_ACCEPTS = ("a URL (https://, http://, git://, ssh://, file://), user@host:path "
+                      "or an absolute path")
+_GIT_REMOTE_RE = re.compile(r"(?:https?|git|ssh|file)://[^\s]+"
+                            r"|[A-Za-z0-9_][\w.+-]*@[A-Za-z0-9_][\w.-]*:[^\s]+"
+                            r"|/[^\n\r\x00]*")
+
+
+def _git_remote(value):
+    if not isinstance(value, str) or not value:
+        raise Invalid(f"expected a git URL or path, got {value!r}", GIT_REMOTE_ACCEPTS)
+    if value.startswith("-"):
+        raise Invalid(f"{value!r} starts with '-' and would reach git as an option",
+                      GIT_REMOTE_ACCEPTS)
+    if not _GIT_REMOTE_RE.fullmatch(value):
+        raise Invalid(f"{value!r} is not a git URL or absolute path", GIT_REMOTE_ACCEPTS)
+    return value
+
+
+def _ip_address(value):
+    accepts = "an IPv4 or IPv6 address such as 0.0.0.0, 127.0.0.1 or ::, or localhost"
+    if value == "localhost":
+        return value
+    if not isinstance(value, str):
+        raise Invalid(f"expected an IP address, got {value!r}", accepts)
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise Invalid(f"{value!r} is not an IP address", accepts) from None
+
+
+def _normal_path(value):
+    """An absolute path with `.`, `..` and repeated slashes folded away."""
+    path = is_abs_path(value)
+    return posixpath.normpath("/" + path.lstrip("/"))
+
+
+def _models_dir(value):
+    path = _normal_path(value)
+    if path in SYSTEM_FOLDERS or any(path == t or path.startswith(t + "/")
+                                     for t in SYSTEM_TREES):
+        raise Invalid(f"{path!r} is a system folder",
+                      "a folder of its own, such as /srv/models or /data/models")
+    return path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +152,7 @@ class Engine:
                                       "recorded on the rig", type="bool", check=is_bool)
     remote: str | None = setting(None, doc="git remote to fetch from; empty = the upstream "
                                            "repository of `kind` (set it for a mirror)",
-                                 type="str", check=optional(is_str(accepts="a git URL or path")))
+                                 type="str", check=optional(_git_remote))
     cuda: bool = setting(True, doc="build the CUDA backend (GGML_CUDA)", type="bool",
                          check=is_bool)
     fa_all_quants: bool = setting(True, doc="flash-attention kernels for every KV quant pair "
@@ -177,9 +235,9 @@ class Model:
     files: list[str] | None = setting(None, doc="explicit repository paths", type="list[str]",
                                       check=optional(list_of(is_str(accepts="a path"), 1,
                                                              "paths")))
-    dir: str | None = setting(None, doc="where the files live on the rig; empty = "
-                                        "<models_dir>/<model name>", type="path",
-                              check=optional(is_abs_path))
+    dir: str | None = setting(None, doc="where the files live on the rig, a folder inside "
+                                        "models_dir; empty = <models_dir>/<model name>",
+                              type="path", check=optional(_normal_path))
 
     def selector(self) -> tuple[str, Any]:
         for kind in ("quant", "include", "files"):
@@ -204,7 +262,7 @@ def _devices(value):
         value = [v.strip() for v in value.split(",")]
     out = list_of(either(is_int(0, 63), is_str(r"GPU-[0-9a-f-]+|[0-9]+", "index or GPU uuid"),
                          accepts="a GPU index or uuid"), 1, "GPUs")(value)
-    return [str(v) for v in out]
+    return [str(int(v)) if str(v).isdigit() else str(v) for v in out]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,10 +280,12 @@ class Profile:
     alias: str | None = setting(None, doc="model id served by the API (--alias) and the "
                                           "opencode model key; empty = the profile name",
                                 type="str", check=optional(is_str(r"[\w.:/-]+", "a model id")))
-    listen: str = setting("0.0.0.0", doc="address llama-server binds (--host)", type="str",
-                          check=is_str(r"[0-9a-fA-F.:]+|localhost", "an IP address"))
-    ctx_size: int | None = setting(None, doc="context size in tokens (-c); also opencode's "
-                                             "limit.context", type="int", flag="-c",
+    listen: str = setting("0.0.0.0", doc="address llama-server binds (--host): an IPv4 or "
+                                         "IPv6 address, or localhost", type="str",
+                          check=_ip_address)
+    ctx_size: int | None = setting(None, doc="context size in tokens (-c), shared by the "
+                                             "parallel slots; opencode's limit.context is "
+                                             "ctx_size / parallel", type="int", flag="-c",
                                    check=optional(is_int(0)))
     n_gpu_layers: int | str | None = setting(None, doc="layers on the GPU (-ngl)",
                                              type="int | 'auto' | 'all'", flag="-ngl",
@@ -271,7 +331,10 @@ class Profile:
                             type="bool", flag="--no-mmap", check=is_bool)
     mlock: bool = setting(False, doc="lock the model in RAM (--mlock; sets LimitMEMLOCK)",
                           type="bool", flag="--mlock", check=is_bool)
-    jinja: bool | None = setting(None, doc="chat templates via Jinja (--jinja / --no-jinja)",
+    jinja: bool | None = setting(None, doc="chat templates via Jinja: true = --jinja, false = "
+                                           "--no-jinja on llama.cpp (Jinja is its default) and "
+                                           "nothing on ik_llama.cpp (off by default there); "
+                                           "empty = the engine's default",
                                  type="bool", flag="--jinja", check=optional(is_bool))
     no_warmup: bool = setting(False, doc="skip llama-server's own warm-up run (--no-warmup)",
                               type="bool", flag="--no-warmup", check=is_bool)
@@ -308,6 +371,58 @@ class Profile:
                                           "answers", type="int", check=is_int(0, 100))
 
 
+# The flags server_args writes before the profile's own, each with the setting that decides it;
+# the unit adds --api-key-file for api_key_env.
+SERVER_FLAGS = {"-m": "model", "--host": "listen", "--port": "port", "--alias": "alias"}
+API_KEY_FLAGS = ("--api-key", "--api-key-file")
+# Every other spelling llama.cpp and ik_llama.cpp accept for a flag we write (the key is the
+# spelling we write). Each flag of SERVER_FLAGS and of a Profile setting needs an entry.
+FLAG_SPELLINGS = {
+    "-m": ("--model",),
+    "--host": (),
+    "--port": (),
+    "--alias": ("-a",),
+    "-c": ("--ctx-size",),
+    "-ngl": ("--n-gpu-layers", "--gpu-layers"),
+    "-ctk": ("--cache-type-k",),
+    "-ctv": ("--cache-type-v",),
+    "--split-mode": ("-sm",),
+    "-ts": ("--tensor-split",),
+    "--parallel": ("-np",),
+    "-fa": ("--flash-attn", "-no-fa", "--no-flash-attn"),
+    "--cpu-moe": ("-cmoe",),
+    "--n-cpu-moe": ("-ncmoe",),
+    "-ot": ("--override-tensor",),
+    "--threads": ("-t",),
+    "--threads-batch": ("-tb",),
+    "-b": ("--batch-size",),
+    "-ub": ("--ubatch-size",),
+    "--no-mmap": ("--mmap",),
+    "--mlock": (),
+    "--jinja": ("--no-jinja",),
+    "--no-warmup": ("--warmup",),
+    "--temp": (),
+    "--top-p": (),
+    "--top-k": (),
+    "--min-p": (),
+    "--repeat-penalty": (),
+}
+
+
+def _owned_flags() -> dict[str, str]:
+    """Every spelling of every flag we write, with the setting that decides it."""
+    owned = {flag: name for flag, name in SERVER_FLAGS.items()}
+    owned.update({f.metadata["flag"]: f.name for f in dataclasses.fields(Profile)
+                  if f.metadata.get("flag")})
+    for flag, name in list(owned.items()):
+        owned.update({spelling: name for spelling in FLAG_SPELLINGS[flag]})
+    owned.update({flag: "api_key_env" for flag in API_KEY_FLAGS})
+    return owned
+
+
+OWNED_SERVER_FLAGS = _owned_flags()
+
+
 @dataclasses.dataclass(frozen=True)
 class RigData:
     """Host-level settings (inventory host data, group data or `all`)."""
@@ -315,8 +430,9 @@ class RigData:
     garage_root: str = setting("/opt/llm-garage", doc="where sources, builds, logs and state "
                                                       "live on the rig", type="path",
                                check=is_abs_path)
-    models_dir: str = setting("/srv/models", doc="parent folder of model folders", type="path",
-                              check=is_abs_path)
+    models_dir: str = setting("/srv/models", doc="parent folder of model folders (not a system "
+                                                 "folder such as /, /etc or /usr)", type="path",
+                              check=_models_dir)
     service_user: str = setting("llama", doc="system user that runs llama-server",
                                 type="str", check=is_str(r"[a-z_][a-z0-9_-]{0,31}",
                                                          "a Unix user name"))
@@ -383,7 +499,8 @@ class RigData:
         {}, doc="limit.output per model alias, overriding opencode_output_limit",
         type="dict[str, int]", check=mapping_of(is_int(1), r"[\w.:/-]+", "a model alias"))
     rig_address: str | None = setting(None, doc="address opencode clients use to reach this "
-                                                "rig; empty = the inventory host name",
+                                                "rig; empty = ssh_hostname, else the "
+                                                "inventory host name",
                                       type="str", check=optional(is_str(r"[\w.:-]+",
                                                                         "a host name or IP")))
 
@@ -429,15 +546,26 @@ class Rig:
     def server_args(self, profile: str, model_path: str) -> list[str]:
         """llama-server's argv after the binary, from the structured profile."""
         p = self.profiles[profile]
-        args = ["-m", model_path, "--host", p.listen, "--port", str(p.port),
-                "--alias", self.alias(profile)]
+        engine = self.engines.get(p.engine)
+        kind = engine.kind if engine else LLAMA_CPP
+        fixed = {"model": model_path, "listen": p.listen, "port": str(p.port),
+                 "alias": self.alias(profile)}
+        args = []
+        for flag, name in SERVER_FLAGS.items():
+            args += [flag, fixed[name]]
         for f in dataclasses.fields(Profile):
             flag = f.metadata.get("flag")
             value = getattr(p, f.name)
-            if not flag or value is None or value is False or value == []:
+            if not flag or value is None or value == []:
                 continue
             if f.name == "jinja":
-                args.append("--jinja" if value else "--no-jinja")
+                # Jinja is on by default in llama.cpp; ik_llama.cpp has it off and no --no-jinja.
+                if value:
+                    args.append("--jinja")
+                elif kind != IK_LLAMA_CPP:
+                    args.append("--no-jinja")
+            elif value is False:
+                continue
             elif value is True:
                 args.append(flag)
             elif f.name == "tensor_split":
@@ -547,6 +675,9 @@ def _cross_check(rig: Rig, errors: list[SettingError], defined: set[str]) -> Non
                 "set gpu_count, list architectures such as [86], or cuda: false")
 
     for name, m in rig.models.items():
+        if m.dir is not None and not m.dir.startswith(d.models_dir + "/"):
+            err(f"models.{name}.dir", f"{m.dir!r} is not inside models_dir {d.models_dir!r}",
+                f"a folder under {d.models_dir}/, or empty for {d.models_dir}/{name}")
         chosen = [k for k in ("quant", "include", "files") if getattr(m, k) is not None]
         if len(chosen) != 1:
             err(f"models.{name}", "name the files with exactly one of quant, include or files"
@@ -575,6 +706,28 @@ def _cross_check(rig: Rig, errors: list[SettingError], defined: set[str]) -> Non
             what = "cuda_visible_devices" if p.cuda_visible_devices else "gpu_count"
             err(f"{where}.tensor_split", f"{len(p.tensor_split)} values but {what} gives "
                                          f"{gpus} GPUs", "exactly one value per GPU")
+        if p.cuda_visible_devices:
+            _check_devices(p.cuda_visible_devices, d.gpu_count, f"{where}.cuda_visible_devices",
+                           err)
+        for item in p.extra_args:
+            setting_name = OWNED_SERVER_FLAGS.get(item.split("=", 1)[0])
+            if item.startswith("-") and setting_name:
+                err(f"{where}.extra_args", f"{item!r} is set by its own setting",
+                    f"{where}.{setting_name}")
+        if engine and engine.kind == IK_LLAMA_CPP and p.n_gpu_layers in ("auto", "all"):
+            err(f"{where}.n_gpu_layers", f"{p.n_gpu_layers!r} is not a number, and "
+                                         "ik_llama.cpp's -ngl takes only a number",
+                "a whole number of layers, e.g. 999 for all")
+        for key in ("cache_type_k", "cache_type_v"):
+            kv = getattr(p, key)
+            if engine and engine.kind == LLAMA_CPP and kv in IK_ONLY_KV_TYPES:
+                err(f"{where}.{key}", f"{kv!r} is a KV cache type of ik_llama.cpp only",
+                    ", ".join(t for t in KV_TYPES if t not in IK_ONLY_KV_TYPES))
+        if p.cache_type_v and p.cache_type_v not in UNQUANTIZED_KV_TYPES and (
+                p.flash_attn == "off"):
+            err(f"{where}.cache_type_v", f"a quantized V cache ({p.cache_type_v!r}) needs "
+                                         "flash attention, but flash_attn is 'off'",
+                "flash_attn: 'on' or 'auto', or cache_type_v: f16, bf16 or f32")
         if p.cpu_moe and p.n_cpu_moe is not None:
             err(f"{where}.n_cpu_moe", "cannot be combined with cpu_moe",
                 "cpu_moe: true (all layers) or n_cpu_moe: N")
@@ -590,3 +743,17 @@ def _cross_check(rig: Rig, errors: list[SettingError], defined: set[str]) -> Non
                 err(f"{where}.port", f"port {p.port} is already used by enabled profile "
                                      f"{ports[p.port]!r}", "a free port, or enabled: false")
             ports[p.port] = name
+
+
+def _check_devices(devices: list[str], gpu_count: int, where: str, err) -> None:
+    """CUDA_VISIBLE_DEVICES: each GPU once, each index one of the rig's GPUs."""
+    seen: set[str] = set()
+    for dev in devices:
+        if dev in seen:
+            err(where, f"GPU {dev} is listed twice", "each GPU once")
+            continue
+        seen.add(dev)
+        if dev.isdigit() and int(dev) >= gpu_count:
+            err(where, f"GPU index {dev} is out of range for gpu_count {gpu_count}",
+                f"indices 0 to {gpu_count - 1}" if gpu_count else
+                "set gpu_count to the rig's GPUs")

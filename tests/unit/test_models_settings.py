@@ -1,5 +1,7 @@
 """The model settings the models task reads."""
 
+import pytest
+
 from llm_garage.settings import load_rig
 
 MODEL = {"repo": "acme/M-GGUF", "revision": "main", "quant": "Q4_K_M"}
@@ -18,5 +20,42 @@ def test_models_retries_defaults_to_five_and_is_bounded():
 def test_model_folder_defaults_under_models_dir():
     rig, errors = load_rig("rig1", {"models_dir": "/data/models", "models": {"m": MODEL}})
     assert not errors and rig.layout.model_dir("m") == "/data/models/m"
-    rig, errors = load_rig("rig1", {"models": {"m": {**MODEL, "dir": "/fast/qwen"}}})
-    assert not errors and rig.layout.model_dir("m") == "/fast/qwen"
+    rig, errors = load_rig("rig1", {"models_dir": "/fast", "models": {
+        "m": {**MODEL, "dir": "/fast/qwen/./q6/"}}})
+    assert not errors and rig.layout.model_dir("m") == "/fast/qwen/q6"
+
+
+def messages(**data):
+    return [str(e) for e in load_rig("rig1", data)[1]]
+
+
+@pytest.mark.parametrize("folder, shown", [
+    ("/fast/qwen", "/fast/qwen"),
+    ("/srv/models/../../etc", "/etc"),
+    ("/srv/models", "/srv/models"),
+    ("/srv/modelsx/m", "/srv/modelsx/m"),
+    ("/", "/"),
+])
+def test_model_folder_must_be_inside_models_dir(folder, shown):
+    assert messages(models={"m": {**MODEL, "dir": folder}}) == [
+        f"host 'rig1': models.m.dir: {shown!r} is not inside models_dir '/srv/models' "
+        "(accepted: a folder under /srv/models/, or empty for /srv/models/m)"]
+
+
+@pytest.mark.parametrize("folder, shown", [
+    ("/", "/"), ("/etc", "/etc"), ("/usr/share/models", "/usr/share/models"),
+    ("/var", "/var"), ("/srv/../boot", "/boot"), ("//proc/x", "/proc/x"), ("/sys", "/sys"),
+    ("/dev/shm", "/dev/shm"), ("/lib", "/lib"), ("/bin/", "/bin"), ("/home", "/home"),
+])
+def test_models_dir_is_never_a_system_folder(folder, shown):
+    assert messages(models_dir=folder) == [
+        f"host 'rig1': models_dir: {shown!r} is a system folder "
+        "(accepted: a folder of its own, such as /srv/models or /data/models)"]
+
+
+def test_models_dir_is_absolute_and_may_live_anywhere_else():
+    assert messages(models_dir="models") == [
+        "host 'rig1': models_dir: expected an absolute path, got 'models' "
+        "(accepted: a path starting with /)"]
+    for ok in ("/var/lib/models", "/home/me/models", "/mnt/nvme/models", "/opt/models"):
+        assert messages(models_dir=ok) == [], ok

@@ -85,6 +85,34 @@ def test_limits_keys_loopback_and_addresses(monkeypatch):
     assert "never-written" not in json.dumps(own)
 
 
+def test_limit_context_is_what_one_request_gets():
+    # llama-server splits -c between its --parallel slots; without parallel the whole -c.
+    box = rig("box", {
+        "four": {"port": 8001, "ctx_size": 131072, "parallel": 4},
+        "one": {"port": 8002, "ctx_size": 131072, "parallel": 1},
+        "auto": {"port": 8003, "ctx_size": 131072},
+        "odd": {"port": 8004, "ctx_size": 10000, "parallel": 3},
+        "small": {"port": 8005, "ctx_size": 65536, "parallel": 8},
+    })
+    limits = {p["name"].split(":")[1].rstrip(")"): next(iter(p["models"].values()))["limit"]
+              for p in opencode.providers_for(box, {"box": box}).values()}
+    assert limits == {
+        "8001": {"context": 32768, "output": 32768},
+        "8002": {"context": 131072, "output": 32768},
+        "8003": {"context": 131072, "output": 32768},
+        "8004": {"context": 3333, "output": 3333},
+        "8005": {"context": 8192, "output": 8192},
+    }
+
+
+def test_output_limit_default_is_the_documented_one():
+    box = rig("box", {"p": {"port": 8001, "ctx_size": 262144}})
+    entry = opencode.model_entry(box, box, "p")
+    assert entry["limit"] == {"context": 262144, "output": 32768}
+    readme = (REPO / "README.md").read_text()
+    assert "| `opencode_output_limit` | int | `32768` |" in readme
+
+
 # --- merge ---------------------------------------------------------------------------------
 
 USER_CONFIG = {
