@@ -12,8 +12,9 @@ from tasks import base, engines, gpus, models, opencode, services
 rig = rig_for(host)
 
 base.prepare(rig)
-engine_changes = engines.converge(rig)
+engine_plans, engine_changes = engines.converge(rig)
 model_plans, model_changes = models.converge(rig)
 gpus.converge(rig)
-services.converge(rig, model_plans, engine_changes, model_changes)
+proofs = services.converge(rig, engine_plans, model_plans, engine_changes, model_changes)
+engines.switch_proven(rig, engine_plans, proofs)
 opencode.converge(rig, fleet_for(host.state))

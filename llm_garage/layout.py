@@ -29,6 +29,14 @@ def service_name(profile: str) -> str:
     return f"llama-server-{profile}.service"
 
 
+def _stem(profile: str) -> str:
+    return service_name(profile).removesuffix(".service")
+
+
+# Files of a service beside its unit, by folder and suffix: removed with the service.
+SERVICE_STATE_SUFFIXES = (".service", ".service.proven", ".inputs", ".failed", ".proof.json")
+
+
 def script_source(script: str) -> str:
     """Where a rig-side script lives in the installed package (on the controller)."""
     return str(PACKAGE_FILES / script)
@@ -90,10 +98,13 @@ class Layout:
         return f"{self.builds_dir}/{engine}"
 
     def engine_current(self, engine: str) -> str:
+        """The engine's last build that every profile using it proved (or, with no profile,
+        the last one built)."""
         return f"{self.engine_builds_dir(engine)}/current"
 
-    def server_binary(self, engine: str) -> str:
-        return f"{self.engine_current(engine)}/bin/llama-server"
+    def server_binary(self, engine: str, build_key: str = "current") -> str:
+        """llama-server of one build (units name their build, not `current`)."""
+        return f"{self.engine_builds_dir(engine)}/{build_key}/bin/llama-server"
 
     # --- models ---
     def model_dir(self, model: str) -> str:
@@ -101,13 +112,31 @@ class Layout:
         return self.model_dirs.get(model) or f"{self.models_dir}/{model}"
 
     # --- services ---
+    # A profile's unit is rendered to `wanted_unit`; only the proof step installs it as the
+    # systemd unit, and keeps the last unit that passed its proof as `proven_unit`, so that a
+    # change failing its proof is rolled back to it.
+    def wanted_unit(self, profile: str) -> str:
+        return f"{self.service_inputs_dir}/{service_name(profile)}"
+
+    def proven_unit(self, profile: str) -> str:
+        return f"{self.service_inputs_dir}/{service_name(profile)}.proven"
+
     def service_inputs(self, profile: str) -> str:
         """Digest of what the running service was started and proven with."""
-        return f"{self.service_inputs_dir}/{service_name(profile).removesuffix('.service')}.inputs"
+        return f"{self.service_inputs_dir}/{_stem(profile)}.inputs"
+
+    def failed_inputs(self, profile: str) -> str:
+        """Digest of inputs that failed their proof, then why: not tried again until they
+        change (or `services_retry_failed`)."""
+        return f"{self.service_inputs_dir}/{_stem(profile)}.failed"
+
+    def proof_report(self, profile: str) -> str:
+        """What the last proof of the service found (JSON)."""
+        return f"{self.service_inputs_dir}/{_stem(profile)}.proof.json"
 
     def key_file(self, profile: str) -> str:
         """Root-only file holding the profile's API key (a systemd credential of its unit)."""
-        return f"{SECRETS_DIR}/{service_name(profile).removesuffix('.service')}.key"
+        return f"{SECRETS_DIR}/{_stem(profile)}.key"
 
     @property
     def rig_dirs(self) -> tuple[str, ...]:

@@ -369,6 +369,11 @@ class Profile:
                                     type="int", check=is_int(1, 86400))
     warmup_requests: int = setting(1, doc="chat requests sent after a (re)start to prove it "
                                           "answers", type="int", check=is_int(0, 100))
+    prove_tool_call: bool = setting(True, doc="prove every (re)start with a tool-call "
+                                              "conversation through the chat template (when "
+                                              "the server uses Jinja); false for a model "
+                                              "without tool support", type="bool",
+                                    check=is_bool)
 
 
 # The flags server_args writes before the profile's own, each with the setting that decides it;
@@ -462,6 +467,12 @@ class RigData:
                                             "model names any more", type="bool", check=is_bool)
     models_verify: bool = setting(False, doc="re-hash every model file this run instead of "
                                              "trusting its stamp", type="bool", check=is_bool)
+    services_retry_failed: bool = setting(False, doc="start again a service whose exact "
+                                                     "inputs already failed their proof (the "
+                                                     "failure is recorded on the rig; by "
+                                                     "default a rerun reports it without "
+                                                     "restarting anything)", type="bool",
+                                          check=is_bool)
     models_retries: int = setting(5, doc="times in a row a dropped model download is resumed "
                                          "within one run before the run fails (the partial "
                                          "file is kept and the next run resumes it)",

@@ -96,7 +96,9 @@ def service_environment(rig: Rig, profile: str) -> dict[str, str]:
     return env
 
 
-def llama_unit_context(rig: Rig, profile: str, model_path: str) -> dict:
+def llama_unit_context(rig: Rig, profile: str, model_path: str, binary: str | None = None) -> dict:
+    """Values of a profile's unit; `binary`: the llama-server of the build it runs (default:
+    the engine's `current` build)."""
     p = rig.profiles[profile]
     read_only = [rig.layout.engine_builds_dir(p.engine), rig.layout.model_dir(p.model)]
     model_dir = str(Path(model_path).parent)
@@ -115,7 +117,7 @@ def llama_unit_context(rig: Rig, profile: str, model_path: str) -> dict:
         # wanted by multi-user.target); a restart here must not set the GPUs again.
         "wants": ["network-online.target"],
         "service_user": rig.data.service_user,
-        "exec_start": exec_line([rig.layout.server_binary(p.engine),
+        "exec_start": exec_line([binary or rig.layout.server_binary(p.engine),
                                  *rig.server_args(profile, model_path)])
         + (f" --api-key-file {API_KEY_ARG}" if p.api_key_env else ""),
         "credential": (f"{API_KEY_CREDENTIAL}:{rig.layout.key_file(profile)}"

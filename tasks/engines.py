@@ -1,8 +1,12 @@
 """Engines: llama.cpp / ik_llama.cpp built from their pins for the rig's GPUs, one folder per
-(commit, flags), served through a `current` link that switches only to a verified build.
-The plan (pins, CUDA checks, flags) is made in llm_garage/plans/engines.py."""
+(commit, flags). The plan (pins, CUDA checks, flags) is made in llm_garage/plans/engines.py.
+
+Units name the build they run; an engine's `current` link moves to a new build only once
+every service using it has proven it (`switch_proven`, after the services)."""
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 from pyinfra import host
 from pyinfra.api import deploy
@@ -11,34 +15,42 @@ from pyinfra.operations import apt, files
 
 from llm_garage.operations import engine as ops
 from llm_garage.plans import engines as engine_plan
+from llm_garage.plans.engines import BuildPlan
 from llm_garage.settings import Rig
 
 BUILD_PACKAGES = ["build-essential", "cmake", "git", "ccache", "libssl-dev"]
 
 
 @deploy("Engines")
-def converge(rig: Rig) -> dict[str, list[OperationMeta]]:
-    """Build every engine of the rig at its pin and switch its `current` link to that build.
-
-    Returns, per engine name, the operations whose change means its `current` build switched
-    this run (services running that engine restart when any of them changed)."""
+def converge(rig: Rig) -> tuple[dict[str, BuildPlan], dict[str, list[OperationMeta]]]:
+    """Build every engine of the rig at its pin. Returns the plans (name -> BuildPlan) and,
+    per engine, the operations whose change means a build changed this run."""
     if not rig.engines:
-        return {}
+        return {}, {}
     plans = engine_plan.plan(rig, host.get_fact)
     layout = rig.layout
     apt.packages(name="Install build tools", packages=BUILD_PACKAGES)
     for path in layout.engine_dirs:
         files.directory(name=f"Ensure {path}", path=path, user="root", group="root", mode="755")
-    switched: dict[str, list[OperationMeta]] = {}
+    built: dict[str, list[OperationMeta]] = {}
     for plan in plans:
         if plan.records_tag:
             ops.record_pin(name=f"Record {plan.engine} tag {plan.ref}", path=layout.engine_pins,
                            remote=plan.remote, tag=plan.ref, commit=plan.commit)
-        ops.build(name=f"Build {plan.engine} {plan.ref} ({plan.key})", plan=plan,
-                  script=layout.script("garage-build"))
-        switch = ops.switch(name=f"Switch {plan.engine} to {plan.key}",
-                            builds_dir=plan.builds_dir, key=plan.key)
+        built[plan.engine] = [ops.build(name=f"Build {plan.engine} {plan.ref} ({plan.key})",
+                                        plan=plan, script=layout.script("garage-build"))]
         ops.prune(name=f"Prune old {plan.engine} builds", builds_dir=plan.builds_dir,
                   keep=plan.keep_builds, wanted=plan.key)
-        switched[plan.engine] = [switch]
-    return switched
+    return {plan.engine: plan for plan in plans}, built
+
+
+@deploy("Engines proven")
+def switch_proven(rig: Rig, plans: Mapping[str, BuildPlan],
+                  proofs: Mapping[str, list[OperationMeta]]) -> None:
+    """Point each engine's `current` at its new build once every service running it passed
+    its proof in this run (`proofs`: engine -> those services' operations)."""
+    for name, plan in sorted(plans.items()):
+        checks = proofs.get(name, [])
+        ops.switch(name=f"Switch {name} to {plan.key}", builds_dir=plan.builds_dir,
+                   key=plan.key,
+                   _if=lambda checks=checks: not any(op.did_error() for op in checks))

@@ -15,15 +15,20 @@ from typing import TYPE_CHECKING
 from pyinfra.api import deploy
 from pyinfra.api.operation import OperationMeta
 from pyinfra.operations import files, systemd
-from pyinfra.operations.util import any_changed
 
 from llm_garage import units
-from llm_garage.layout import SECRETS_DIR, SERVER_UNIT_GLOB, UNIT_DIR
+from llm_garage.layout import (
+    SECRETS_DIR,
+    SERVER_UNIT_GLOB,
+    SERVICE_STATE_SUFFIXES,
+    UNIT_DIR,
+)
 from llm_garage.operations import services
 from llm_garage.plans import services as service_plan
 from llm_garage.settings import Rig
 
 if TYPE_CHECKING:  # plans.models loads requests, which must come after gevent's patching
+    from llm_garage.plans.engines import BuildPlan
     from llm_garage.plans.models import ModelPlan
 
 UNIT_TEMPLATE = str(Path(__file__).resolve().parent.parent / "templates"
@@ -31,39 +36,41 @@ UNIT_TEMPLATE = str(Path(__file__).resolve().parent.parent / "templates"
 
 
 @deploy("Services")
-def converge(rig: Rig, models: Mapping[str, ModelPlan],
+def converge(rig: Rig, engines: Mapping[str, BuildPlan], models: Mapping[str, ModelPlan],
              engine_changes: Mapping[str, Sequence[OperationMeta]],
-             model_changes: Mapping[str, Sequence[OperationMeta]]) -> None:
-    """`models`: the model plans; `engine_changes` and `model_changes`: engine or model name
-    -> operations whose change this run means a restart of the services using it."""
-    plans = service_plan.plan(rig, models)
+             model_changes: Mapping[str, Sequence[OperationMeta]]
+             ) -> dict[str, list[OperationMeta]]:
+    """`engines`, `models`: the plans; `engine_changes` and `model_changes`: engine or model
+    name -> operations whose change this run means a restart of the services using it.
+    Returns, per engine, the proof operations of the services running it."""
+    plans = service_plan.plan(rig, engines, models)
     pruned = services.stale_units_removed(
         name="Stop and remove services of disabled or removed profiles",
         keep=[plan.service for plan in plans], also=service_plan.removed_services(rig),
         unit_dir=UNIT_DIR, pattern=SERVER_UNIT_GLOB, marker=units.GENERATED_MARKER,
-        companions={SECRETS_DIR: ".key", rig.layout.service_inputs_dir: ".inputs"},
+        companions={SECRETS_DIR: ".key", rig.layout.service_inputs_dir: SERVICE_STATE_SUFFIXES},
     )
-    unit_ops = []
     for plan in plans:
         # One operation per profile either way: pyinfra orders operations across hosts by
         # where they are called, so every host must call the same ones in the same order.
         services.secret_file(name=f"API key of {plan.service}", path=plan.key_file,
                              content=plan.api_key + "\n" if plan.api_key else None)
-        unit_ops.append(files.template(
-            name=f"Unit {plan.service}", src=UNIT_TEMPLATE, dest=plan.unit_file, user="root",
-            group="root", mode="644", jinja_env_kwargs=dict(units.TEMPLATE_OPTIONS),
-            unit=plan.unit))
-    systemd.daemon_reload(name="Reload systemd (llama-server units changed)",
-                          _if=any_changed(pruned, *unit_ops))
-    checks = {}
+        # Rendered beside the unit; the proof step installs it (and rolls it back).
+        files.template(name=f"Wanted unit {plan.service}", src=UNIT_TEMPLATE,
+                       dest=plan.wanted_unit, user="root", group="root", mode="644",
+                       jinja_env_kwargs=dict(units.TEMPLATE_OPTIONS), unit=plan.unit)
+    systemd.daemon_reload(name="Reload systemd (llama-server units removed)",
+                          _if=pruned.did_change)
+    checks: dict[str, OperationMeta] = {}
+    proofs: dict[str, list[OperationMeta]] = {}
     for plan in plans:
-        systemd.service(name=f"Enable {plan.service} at boot", service=plan.service,
-                        running=None, enabled=True)
-        checks[plan.service] = services.restarted_on_change(
-            name=f"Start {plan.service} when changed, then check /health, /v1/models, warm-up",
+        checks[plan.service] = services.served(
+            name=f"Serve {plan.service}: (re)start when changed, prove, else roll back",
             plan=plan, changed=[*engine_changes.get(plan.engine, ()),
                                 *model_changes.get(plan.model, ())],
             _ignore_errors=True,
         )
+        proofs.setdefault(plan.engine, []).append(checks[plan.service])
     if checks:
-        services.all_proven(name="Every llama-server answered", checks=checks)
+        services.all_proven(name="Every llama-server proven", checks=checks)
+    return proofs

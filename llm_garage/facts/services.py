@@ -8,21 +8,20 @@ import shlex
 from pyinfra.api import FactBase
 
 
-def inputs_digest_command(unit: str, key_file: str | None, engine_link: str, binary: str,
-                          model: str) -> str:
-    """Shell printing one sha256 over everything a llama-server runs with: the unit file, the
-    API key file, where the engine's `current` link points and the binary there, and the
-    identity (inode, size, mtime) of every .gguf beside the model's first shard.
+def inputs_digest_command(unit: str, key_file: str | None, binary: str, model: str) -> str:
+    """Shell printing one sha256 over everything a llama-server runs with: the unit's content
+    (its command line and environment; the unit names the build it runs), the API key file,
+    the binary's identity and the identity (inode, size, mtime) of every .gguf beside the
+    model's first shard.
 
     Identity rather than content, so that a digest costs nothing for a 100 GB model; the
     model task moves verified files into place, so a changed file is a new inode."""
     q = shlex.quote
     model_dir = model.rsplit("/", 1)[0] or "/"
-    parts = [f"sha256sum {q(unit)} 2>/dev/null"]
+    parts = [f"sha256sum < {q(unit)} 2>/dev/null"]
     if key_file:
-        parts.append(f"sha256sum {q(key_file)} 2>/dev/null")
+        parts.append(f"sha256sum < {q(key_file)} 2>/dev/null")
     parts += [
-        f"readlink -f {q(engine_link)}",
         f"stat -L -c '%n %i %s %Y' {q(binary)} 2>/dev/null",
         f"(cd {q(model_dir)} 2>/dev/null && stat -L -c '%n %i %s %Y' -- *.gguf 2>/dev/null)",
     ]
@@ -30,15 +29,25 @@ def inputs_digest_command(unit: str, key_file: str | None, engine_link: str, bin
 
 
 class ServiceState(FactBase):
-    """`{"active": systemctl is-active, "proven": the inputs digest recorded when the service
-    last passed its check, or None, "inputs": digest of the inputs now}` for one llama-server
-    unit (see `inputs_digest_command`)."""
+    """Where one llama-server service stands (see `operations.services.served`):
 
-    def command(self, service: str, proven_path: str, digest: str):
+    `active` and `enabled` (systemctl), `proven` (the inputs digest recorded when it last
+    passed its proof, or None), `inputs` (the digest of the wanted unit and what it runs, see
+    `inputs_digest_command`), `installed` (True when the systemd unit is the wanted one),
+    `proven_unit` (a copy of the last proven unit exists), `failed` (the digest of inputs
+    that failed their proof, or None) and `failure` (why, one line)."""
+
+    def command(self, service: str, wanted: str, installed: str, proven_unit: str,
+                proven_path: str, failed_path: str, digest: str):
         q = shlex.quote
         return (f"printf 'active=%s\\n' \"$(systemctl is-active -- {q(service)} 2>/dev/null)\"; "
+                f"printf 'enabled=%s\\n' \"$(systemctl is-enabled -- {q(service)} 2>/dev/null)\"; "
                 f"printf 'proven=%s\\n' \"$(cat {q(proven_path)} 2>/dev/null)\"; "
-                f"printf 'inputs=%s\\n' \"$({digest})\"")
+                f"printf 'inputs=%s\\n' \"$({digest})\"; "
+                f"cmp -s {q(wanted)} {q(installed)} && echo installed=yes; "
+                f"test -f {q(proven_unit)} && echo proven_unit=yes; "
+                f"printf 'failed=%s\\n' \"$(head -n 1 {q(failed_path)} 2>/dev/null)\"; "
+                f"printf 'failure=%s\\n' \"$(sed -n 2p {q(failed_path)} 2>/dev/null)\"; true")
 
     def process(self, output):
         values = {}
@@ -47,8 +56,13 @@ class ServiceState(FactBase):
             values[key.strip()] = value.strip()
         return {
             "active": values.get("active") or "unknown",
+            "enabled": values.get("enabled") == "enabled",
             "proven": values.get("proven") or None,
             "inputs": values.get("inputs") or None,
+            "installed": values.get("installed") == "yes",
+            "proven_unit": values.get("proven_unit") == "yes",
+            "failed": values.get("failed") or None,
+            "failure": values.get("failure") or None,
         }
 
 

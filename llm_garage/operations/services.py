@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import posixpath
 from collections.abc import Sequence
 from io import StringIO
 
-from pyinfra import host
+from pyinfra import host, logger
 from pyinfra.api import (
     FileUploadCommand,
     FunctionCommand,
@@ -83,67 +84,138 @@ def secret_file(path: str, content: str | None, directory_mode: str = "700"):
     yield from private_upload(content, path)
 
 
-def _run_check(state, host, command: StringCommand) -> bool:
-    """Run the check with its output shown live: a big model loads for minutes, and the
-    journal tail it prints on failure is what the user needs to see."""
+def _shell(host, script: str, *args: str, print_output: bool = False):
+    """Run `sh -c SCRIPT - ARGS…` on the host with this operation's connector arguments."""
     arguments = host.current_op_global_arguments or {}
     kwargs = {key: arguments[key] for key in CONNECTOR_ARGUMENT_KEYS if key in arguments}
-    status, _output = host.run_shell_command(command, print_output=True, **kwargs)
-    return bool(status)
+    command = StringCommand("sh", "-c", QuoteString(script), "-", *[QuoteString(a) for a in args])
+    return host.run_shell_command(command, print_output=print_output, **kwargs)
+
+
+def _install(host, source: str, unit_file: str) -> bool:
+    """Copy a unit into place atomically (never half a unit file), then reload systemd."""
+    ok, _ = _shell(host, 'cp -f -- "$1" "$2.tmp" && chmod 644 "$2.tmp" && sync -- "$2.tmp" && '
+                         'mv -f -- "$2.tmp" "$2" && systemctl daemon-reload', source, unit_file)
+    return ok
+
+
+def _prove(host, plan: ServicePlan) -> bool:
+    """Restart the unit and prove it, with the check's output shown live: a big model loads
+    for minutes, and the journal tail it prints on failure is what the user needs to see."""
+    ok, _ = _shell(host, '"$@"', *plan.check, "--restart", print_output=True)
+    return bool(ok)
+
+
+def _report(host, plan: ServicePlan) -> dict:
+    ok, output = _shell(host, 'cat -- "$1"', plan.report)
+    try:
+        return json.loads("\n".join(output.stdout_lines)) if ok else {}
+    except ValueError:
+        return {}
+
+
+def _prove_or_roll_back(state, host, plan: ServicePlan, digest: str, keep_running: bool) -> bool:
+    """Install the wanted unit, restart and prove it. On success record it as proven; on
+    failure record the failed inputs and put the last proven unit back (or, with none, leave
+    the service stopped rather than restart-looping). False fails the operation."""
+    prefix = host.print_prefix
+    if keep_running:
+        # The unit running now was proven before there was a copy of it: keep one first.
+        _shell(host, 'cp -f -- "$1" "$2.tmp" && mv -f -- "$2.tmp" "$2"', plan.unit_file,
+               plan.proven_unit)
+    if not _install(host, plan.wanted_unit, plan.unit_file):
+        logger.error(f"{prefix}{plan.service}: cannot install {plan.unit_file}")
+        return False
+    if _prove(host, plan):
+        _shell(host, 'umask 077 && cp -f -- "$1" "$2.tmp" && mv -f -- "$2.tmp" "$2" && '
+                     f'{{ {digest}; }} > "$3.tmp" && mv -f -- "$3.tmp" "$3" && rm -f -- "$4" && '
+                     'systemctl enable --quiet -- "$5"',
+               plan.unit_file, plan.proven_unit, plan.inputs, plan.failed, plan.service)
+        return True
+    report = _report(host, plan)
+    why = (f"{report.get('step', 'check')} failed: {report.get('reason', 'see above')}"
+           .replace("\n", " "))
+    _shell(host, f'umask 077 && {{ {digest}; printf "%s\\n" "$2"; }} > "$1.tmp" && '
+                 'mv -f -- "$1.tmp" "$1"', plan.failed, why)
+    has_proven = _shell(host, 'test -f "$1"', plan.proven_unit)[0]
+    if not has_proven:
+        _shell(host, 'systemctl disable --now --quiet -- "$1"; true', plan.service)
+        logger.error(f"{prefix}{plan.service}: {why}; no earlier proven unit to go back to: "
+                     "left stopped")
+        return False
+    logger.warning(f"{prefix}{plan.service}: {why}; rolling back to the last proven unit")
+    if _install(host, plan.proven_unit, plan.unit_file) and _prove(host, plan):
+        proven = _report(host, plan)
+        logger.error(f"{prefix}{plan.service}: NOT PROVEN ({why}); rolled back to "
+                     f"{proven.get('build_info') or 'the last proven build'}: serving again")
+    else:
+        logger.error(f"{prefix}{plan.service}: NOT PROVEN ({why}); the rollback to the last "
+                     "proven unit failed too")
+    return False
 
 
 @operation()
-def restarted_on_change(plan: ServicePlan, changed: Sequence[OperationMeta] = ()):
+def served(plan: ServicePlan, changed: Sequence[OperationMeta] = ()):
     """
-    Restart a llama-server unit when what it runs with changed, then prove it works.
+    Serve a profile with its wanted unit once that unit is proven; else roll back.
 
-    + plan: the profile's service (``plans.services.ServicePlan``): its unit, the inputs its
-      digest covers (``facts.services.inputs_digest_command``), where that digest is kept, and
-      the command restarting (given ``--restart``) and proving it (``garage-server-check``)
+    + plan: the profile's service (``plans.services.ServicePlan``): its wanted, installed
+      and proven unit, the inputs its digest covers (``facts.services.inputs_digest_command``)
+      and the command restarting and proving it (``garage-server-check``)
     + changed: operations of this run whose change also means a restart
 
-    Restarts (a first start counts) when the inputs differ from the recorded digest, when the
-    unit is not active, or when an operation in ``changed`` changed; the check runs after
-    every (re)start, and the digest is written last, so a service that failed its check is
-    restarted and checked again by the next run. Nothing else ever restarts it.
+    The wanted unit is installed and the service restarted (a first start counts) when the
+    inputs differ from those last proven, when the installed unit is not the wanted one, when
+    the unit is not active, or when an operation in ``changed`` changed; then proven. A
+    proven unit is kept as the one to roll back to. A change that fails its proof is recorded
+    and rolled back (the old unit, the old build it names, restarted and proven again) and
+    the operation fails; a rerun with the same inputs reports that failure without restarting
+    anything (``retry_failed`` tries again). Nothing else ever restarts the service.
 
     **Example:**
 
     .. code:: python
 
-        services.restarted_on_change(name="Serve qwen", plan=plan, changed=[switch_op])
+        services.served(name="Serve qwen", plan=plan, changed=[build_op])
     """
     service = plan.service
-    digest = inputs_digest_command(plan.unit_file, plan.key_file if plan.api_key else None,
-                                   plan.engine_link, plan.binary, plan.model_path)
-    state = host.get_fact(ServiceState, service=service, proven_path=plan.inputs,
-                          digest=digest)
-    reasons = []
-    if state["proven"] is None:
-        reasons.append("never proven healthy")
-    elif state["proven"] != state["inputs"]:
-        reasons.append("its unit, API key, engine build or model files changed")
-    if state["active"] != "active":
-        reasons.append(f"it is {state['active']}")
+    digest = inputs_digest_command(plan.wanted_unit, plan.key_file if plan.api_key else None,
+                                   plan.binary, plan.model_path)
+    state = host.get_fact(ServiceState, service=service, wanted=plan.wanted_unit,
+                          installed=plan.unit_file, proven_unit=plan.proven_unit,
+                          proven_path=plan.inputs, failed_path=plan.failed, digest=digest)
     if host.state.is_executing:
         upstream = any(op.is_complete() and op.did_change() for op in changed)
     else:
         upstream = any(op.will_change for op in changed)
+    if state["inputs"] and state["failed"] == state["inputs"] and not plan.retry_failed:
+        # Proven broken already: say so again, and leave the service serving what it serves.
+        text = (f"{service}: these inputs already failed their proof ("
+                f"{state['failure'] or 'see the last run'}); it keeps serving the last proven "
+                "unit. Change the inventory, or set services_retry_failed to try again")
+        yield StringCommand("echo", QuoteString(text), ">&2;", "exit", "1")
+        return
+    reasons = []
+    if state["proven"] is None:
+        reasons.append("never proven")
+    elif state["proven"] != state["inputs"]:
+        reasons.append("its unit, API key, engine build or model files changed")
+    if not state["installed"]:
+        reasons.append("its installed unit is not the wanted one")
+    if state["active"] != "active":
+        reasons.append(f"it is {state['active']}")
     if upstream:
         reasons.append("its engine or model changed in this run")
     if not reasons:
+        if not state["enabled"]:
+            yield StringCommand("systemctl", "enable", "--", QuoteString(service))
+            return
         host.noop(f"{service} is running with the inputs it was proven with")
         return
     host.log(f"{service}: (re)start because " + "; ".join(reasons))
-    # The check restarts the unit itself, so that a unit that does not even start also gets
-    # its journal printed.
-    yield FunctionCommand(_run_check,
-                          (StringCommand(*[QuoteString(a) for a in [*plan.check, "--restart"]]),),
-                          {})
-    directory = posixpath.dirname(plan.inputs)
-    yield StringCommand("sh", "-c", QuoteString(
-        f'umask 077 && mkdir -p "$1" && {{ {digest}; }} > "$2.tmp" && mv -f "$2.tmp" "$2"'),
-        "-", QuoteString(directory), QuoteString(plan.inputs))
+    keep_running = (not state["proven_unit"] and state["proven"] is not None
+                    and state["active"] == "active")
+    yield FunctionCommand(_prove_or_roll_back, (plan, digest, keep_running), {})
 
 
 @operation()
@@ -173,7 +245,7 @@ def unit_absent(service: str, paths: Sequence[str]):
 
 @operation()
 def stale_units_removed(keep: Sequence[str], also: Sequence[str], unit_dir: str, pattern: str,
-                        marker: str, companions: dict[str, str]):
+                        marker: str, companions: dict[str, Sequence[str] | str]):
     """
     Stop, disable and delete the units llm-garage wrote that no enabled profile wants.
 
@@ -181,8 +253,8 @@ def stale_units_removed(keep: Sequence[str], also: Sequence[str], unit_dir: str,
     + also: unit names to remove even without llm-garage's marker (disabled profiles)
     + unit_dir, pattern: where our units live and the glob naming them
     + marker: first-line marker of the unit files llm-garage wrote
-    + companions: folder -> suffix of files that belong to a unit of the same stem (its API
-      key, its recorded inputs), deleted with it
+    + companions: folder -> suffix(es) of files that belong to a unit of the same stem (its
+      API key, its wanted and proven unit, its recorded inputs), deleted with it
 
     **Example:**
 
@@ -197,8 +269,9 @@ def stale_units_removed(keep: Sequence[str], also: Sequence[str], unit_dir: str,
     stale = sorted((set(owned) | set(also)) - set(keep))
     for service in stale:
         stem = service.removesuffix(".service")
-        paths = [f"{unit_dir}/{service}"] + [f"{d}/{stem}{suffix}"
-                                             for d, suffix in companions.items()]
+        paths = [f"{unit_dir}/{service}"] + [
+            f"{d}/{stem}{suffix}" for d, suffixes in companions.items()
+            for suffix in ((suffixes,) if isinstance(suffixes, str) else suffixes)]
         yield from unit_absent._inner(service=service, paths=paths)
     if not stale:
         host.noop("no llama-server unit of a disabled or removed profile")

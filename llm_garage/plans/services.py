@@ -12,7 +12,8 @@ from pyinfra.api.exceptions import DeployError
 
 from llm_garage import units
 from llm_garage.layout import service_name, unit_path
-from llm_garage.settings import Rig
+from llm_garage.plans.engines import BuildPlan
+from llm_garage.settings import IK_LLAMA_CPP, Rig
 
 if TYPE_CHECKING:  # plans.models loads requests, which must come after gevent's patching
     from llm_garage.plans.models import ModelPlan
@@ -28,13 +29,18 @@ class ServicePlan:
     service: str  # llama-server-<profile>.service
     unit_file: str
     unit: Mapping  # what the unit template places (llm_garage.units.llama_unit_context)
+    wanted_unit: str  # where the deploy renders the unit; installed only by the proof step
+    proven_unit: str  # copy of the last unit that passed its proof
     key_file: str  # root-only; absent when the profile has no API key
     api_key: str | None = dataclasses.field(repr=False)  # never printed
     inputs: str  # digest of what the running service was proven with
-    engine_link: str
+    failed: str  # digest of inputs that failed their proof, and why
+    report: str  # what the last proof found (JSON)
+    build_key: str  # the engine build the unit runs (`<commit12>-<flagshash>`)
     binary: str
     model_path: str
     check: tuple[str, ...]  # garage-server-check's command line (without --restart)
+    retry_failed: bool = False  # try inputs that failed their proof again
 
 
 def local_url(listen: str, port: int) -> str:
@@ -45,39 +51,75 @@ def local_url(listen: str, port: int) -> str:
     return f"http://{host}:{port}"
 
 
-def check_command(rig: Rig, profile: str) -> tuple[str, ...]:
+def uses_jinja(rig: Rig, profile: str) -> bool:
+    """Chat templates through Jinja: mainline's default, ik_llama.cpp only with --jinja."""
+    p, engine = rig.profiles[profile], rig.engines[rig.profiles[profile].engine]
+    if engine.kind == IK_LLAMA_CPP:
+        return p.jinja is True
+    return p.jinja is not False
+
+
+def expects_gpu(rig: Rig, profile: str) -> bool:
+    """The server must put layers on a GPU: a CUDA build, GPUs on the rig and visible to the
+    profile, and layers asked for (mainline offloads all by default, ik_llama.cpp none)."""
+    p, engine = rig.profiles[profile], rig.engines[rig.profiles[profile].engine]
+    if not engine.cuda or rig.data.gpu_count == 0 or p.cuda_visible_devices == []:
+        return False
+    if p.n_gpu_layers is None:
+        return engine.kind != IK_LLAMA_CPP
+    return p.n_gpu_layers not in (0, "0")
+
+
+def check_command(rig: Rig, profile: str, commit: str = "") -> tuple[str, ...]:
+    """garage-server-check's command line proving the profile's server (see that script)."""
     p = rig.profiles[profile]
-    command = [rig.layout.script("garage-server-check"), "--unit", service_name(profile),
+    layout = rig.layout
+    command = [layout.script("garage-server-check"), "--unit", service_name(profile),
                "--url", local_url(p.listen, p.port), "--alias", rig.alias(profile),
-               "--timeout", str(p.health_timeout_s), "--warmup", str(p.warmup_requests)]
+               "--timeout", str(p.health_timeout_s), "--warmup", str(p.warmup_requests),
+               "--report", layout.proof_report(profile)]
     if p.api_key_env:
-        command += ["--key-file", rig.layout.key_file(profile)]
+        command += ["--key-file", layout.key_file(profile)]
+    if rig.engines[p.engine].kind == IK_LLAMA_CPP:
+        command.append("--ik")
+    if p.ctx_size:
+        command += ["--ctx-size", str(p.ctx_size)]
+    if commit:
+        command += ["--commit", commit]
+    if p.prove_tool_call and uses_jinja(rig, profile):
+        command.append("--tool-call")
+    if expects_gpu(rig, profile):
+        command.append("--expect-gpu")
     return tuple(command)
 
 
-def plan(rig: Rig, models: Mapping[str, ModelPlan]) -> list[ServicePlan]:
-    """One ServicePlan per enabled profile, in name order."""
+def plan(rig: Rig, engines: Mapping[str, BuildPlan],
+         models: Mapping[str, ModelPlan]) -> list[ServicePlan]:
+    """One ServicePlan per enabled profile, in name order: the unit runs the build its engine
+    plan resolved, serving the model plan's file."""
     enabled = sorted(rig.enabled_profiles)
     missing = [f"{p} (model {rig.profiles[p].model})" for p in enabled
-               if rig.profiles[p].model not in models]
+               if rig.profiles[p].model not in models or rig.profiles[p].engine not in engines]
     if missing:
-        raise DeployError(f"host {rig.name!r}: no model files for profile(s) "
+        raise DeployError(f"host {rig.name!r}: no engine build or model files for profile(s) "
                           + ", ".join(missing))
     plans = []
     for profile in enabled:
-        p = rig.profiles[profile]
+        p, layout = rig.profiles[profile], rig.layout
+        build = engines[p.engine]
         model_path = models[p.model].path
+        binary = layout.server_binary(p.engine, build.key)
         plans.append(ServicePlan(
             profile=profile, engine=p.engine, model=p.model, service=service_name(profile),
             unit_file=unit_path(service_name(profile)),
-            unit=units.llama_unit_context(rig, profile, model_path),
-            key_file=rig.layout.key_file(profile),
+            unit=units.llama_unit_context(rig, profile, model_path, binary),
+            wanted_unit=layout.wanted_unit(profile), proven_unit=layout.proven_unit(profile),
+            key_file=layout.key_file(profile),
             api_key=os.environ[p.api_key_env] if p.api_key_env else None,
-            inputs=rig.layout.service_inputs(profile),
-            engine_link=rig.layout.engine_current(p.engine),
-            binary=rig.layout.server_binary(p.engine),
-            model_path=model_path,
-            check=check_command(rig, profile),
+            inputs=layout.service_inputs(profile), failed=layout.failed_inputs(profile),
+            report=layout.proof_report(profile), build_key=build.key, binary=binary,
+            model_path=model_path, check=check_command(rig, profile, build.commit),
+            retry_failed=rig.data.services_retry_failed,
         ))
     return plans
 

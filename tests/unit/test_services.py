@@ -3,7 +3,6 @@ rig-side check script against a stand-in server."""
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import http.server
 import json
@@ -14,18 +13,17 @@ import threading
 from pathlib import Path
 
 import pytest
-from pyinfra.api import FileUploadCommand, FunctionCommand, StringCommand
+from pyinfra.api import FileUploadCommand, StringCommand
 from pyinfra.context import ctx_host
 
 from llm_garage import units
 from llm_garage.facts.services import (
     GarageUnits,
-    ServiceState,
     UnitPresence,
     inputs_digest_command,
 )
 from llm_garage.operations import services as ops
-from llm_garage.plans.services import ServicePlan, check_command, local_url
+from llm_garage.plans.services import check_command, local_url
 from llm_garage.settings import load_rig
 
 CHECK_SCRIPT = Path(__file__).resolve().parents[2] / "llm_garage" / "files" / "garage-server-check"
@@ -52,8 +50,8 @@ def inputs(tmp_path):
     unit.write_text("[Service]\n")
     key = tmp_path / "k.key"
     key.write_text("secret\n")
-    paths = dict(unit=str(unit), key_file=str(key), engine_link=str(builds / "current"),
-                 binary=str(builds / "current" / "bin" / "llama-server"),
+    paths = dict(unit=str(unit), key_file=str(key),
+                 binary=str(builds / "aaa" / "bin" / "llama-server"),
                  model=str(models / "m-00001-of-00002.gguf"))
     return tmp_path, paths
 
@@ -71,7 +69,8 @@ def test_digest_is_stable(inputs):
     assert digest(paths) == digest(paths)
 
 
-@pytest.mark.parametrize("change", ["unit", "key", "engine", "shard", "partial", "rebuild"])
+@pytest.mark.parametrize("change", ["unit", "key", "engine", "shard", "partial", "rebuild",
+                                    "unit path"])
 def test_digest_follows_every_input(inputs, change):
     tmp, paths = inputs
     before = digest(paths)
@@ -79,9 +78,8 @@ def test_digest_follows_every_input(inputs, change):
         Path(paths["unit"]).write_text("[Service]\nRestart=no\n")
     elif change == "key":
         Path(paths["key_file"]).write_text("other\n")
-    elif change == "engine":
-        os.remove(paths["engine_link"])
-        os.symlink("bbb", paths["engine_link"])
+    elif change == "engine":  # the unit runs another build
+        paths = dict(paths, binary=str(tmp / "builds/bbb/bin/llama-server"))
     elif change == "shard":  # a second shard replaced by a verified download (new inode)
         shard = tmp / "models/m/m-00002-of-00002.gguf"
         (tmp / "new").write_text("22")
@@ -89,6 +87,11 @@ def test_digest_follows_every_input(inputs, change):
     elif change == "partial":  # a download in progress is not an input
         (tmp / "models/m/m-00002-of-00002.gguf.partial").write_text("x")
         assert digest(paths) == before
+        return
+    elif change == "unit path":  # only the content counts: the wanted unit and its copies
+        other = tmp / "elsewhere.service"
+        other.write_text(Path(paths["unit"]).read_text())
+        assert digest(dict(paths, unit=str(other))) == before
         return
     elif change == "rebuild":  # same build folder, new binary
         binary = tmp / "builds/aaa/bin/llama-server"
@@ -99,21 +102,9 @@ def test_digest_follows_every_input(inputs, change):
 
 def test_digest_of_missing_inputs_still_answers(tmp_path):
     value = digest(dict(unit=str(tmp_path / "no.service"), key_file=None,
-                        engine_link=str(tmp_path / "none"), binary=str(tmp_path / "none/x"),
+                        binary=str(tmp_path / "none/x"),
                         model=str(tmp_path / "nowhere/m.gguf")))
     assert len(value) == 64
-
-
-def test_service_state_fact_command_runs(inputs):
-    tmp, paths = inputs
-    proven = tmp / "proven"
-    proven.write_text(digest(paths) + "\n")
-    command = ServiceState().command("llama-server-x.service", str(proven),
-                                     inputs_digest_command(**paths))
-    out = sh(command)
-    state = ServiceState().process(out.stdout.splitlines())
-    assert state["proven"] == state["inputs"] == digest(paths)
-    assert state["active"]  # whatever systemctl says on this machine
 
 
 def test_garage_units_fact_lists_only_marked_units(tmp_path):
@@ -194,62 +185,6 @@ class Meta:
 
     def did_error(self):
         return self._error
-
-
-PLAN = ServicePlan(
-    profile="p", engine="llama", model="m", service="llama-server-p.service",
-    unit_file="/etc/systemd/system/llama-server-p.service", unit={},
-    key_file="/etc/llm-garage/llama-server-p.key", api_key=None,
-    inputs="/opt/g/state/services/p.inputs", engine_link="/opt/g/builds/llama/current",
-    binary="/opt/g/builds/llama/current/bin/llama-server", model_path="/srv/models/m/m.gguf",
-    check=("/opt/g/bin/garage-server-check", "--unit", "llama-server-p.service"))
-SERVICE_ARGS = dict(plan=PLAN)
-
-
-def service_state(active="active", proven="d1", inputs="d1"):
-    return {"ServiceState": {"active": active, "proven": proven, "inputs": inputs}}
-
-
-def test_no_restart_when_running_with_the_proven_inputs():
-    commands, fake = run_op(ops.restarted_on_change, service_state(), **SERVICE_ARGS,
-                            changed=[Meta()])
-    assert commands == []
-    assert fake.noops == ["llama-server-p.service is running with the inputs it was proven with"]
-
-
-@pytest.mark.parametrize("state, changed, executing, reason", [
-    (dict(proven=None), [], False, "never proven healthy"),
-    (dict(proven="old"), [], False, "its unit, API key, engine build or model files changed"),
-    (dict(active="failed"), [], False, "it is failed"),
-    ({}, [Meta(will=True)], False, "its engine or model changed in this run"),
-    ({}, [Meta(did=True)], True, "its engine or model changed in this run"),
-])
-def test_restart_then_check_then_stamp(state, changed, executing, reason):
-    commands, fake = run_op(ops.restarted_on_change, service_state(**state),
-                            executing=executing, **SERVICE_ARGS, changed=changed)
-    check, stamp = raw(commands)
-    assert isinstance(check, FunctionCommand)  # run with its output shown live
-    assert check.args[0].get_raw_value() == (
-        "/opt/g/bin/garage-server-check --unit llama-server-p.service --restart")
-    assert stamp.startswith("sh -c ") and stamp.endswith(
-        " - /opt/g/state/services /opt/g/state/services/p.inputs")
-    if not executing:
-        assert reason in fake.logs[0]
-
-
-def test_stamp_command_writes_the_digest(inputs):
-    tmp, paths = inputs
-    plan = dataclasses.replace(
-        PLAN, inputs=str(tmp / "state/services/p.inputs"), unit_file=paths["unit"],
-        key_file=paths["key_file"] or PLAN.key_file,
-        api_key="k" if paths["key_file"] else None, engine_link=paths["engine_link"],
-        binary=paths["binary"], model_path=paths["model"])
-    commands, _ = run_op(ops.restarted_on_change, service_state(proven=None), plan=plan)
-    out = subprocess.run(raw(commands)[1], shell=True, capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    stamp = tmp / "state/services/p.inputs"
-    assert stamp.read_text().strip() == digest(paths)
-    assert stamp.stat().st_mode & 0o077 == 0
 
 
 def test_secret_file_unchanged_is_a_noop():
@@ -344,7 +279,9 @@ def test_check_command_carries_no_key(monkeypatch):
     assert list(check_command(rig, "p")) == [
         "/opt/llm-garage/bin/garage-server-check", "--unit", "llama-server-p.service",
         "--url", "http://127.0.0.1:9000", "--alias", "p", "--timeout", "60", "--warmup", "2",
-        "--key-file", "/etc/llm-garage/llama-server-p.key"]
+        "--report", "/opt/llm-garage/state/services/llama-server-p.proof.json",
+        "--key-file", "/etc/llm-garage/llama-server-p.key", "--tool-call"]
+    assert "s3cret" not in " ".join(check_command(rig, "p"))
 
 
 # --- the check script against a stand-in llama-server --------------------------------------
@@ -459,7 +396,7 @@ def test_check_restart_failure_prints_the_journal(stand_in, tmp_path):
             "tiny", "--timeout", "5", "--restart"]
     out = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=60)
     assert out.returncode == 1
-    assert "x.service: systemctl restart failed: Job for x failed." in out.stderr
+    assert "x.service: start failed: systemctl restart failed: Job for x failed." in out.stderr
     assert "x: status=226/NAMESPACE" in out.stderr
 
 
