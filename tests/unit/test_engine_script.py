@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -196,3 +197,34 @@ def test_shallow_source_is_deepened(garage):
     proc, build_dir, commit = garage.build("b2")
     assert proc.returncode == 0, proc.stderr
     assert f"version: 2 ({commit[:7]}" in version(build_dir)
+
+
+def test_git_locks_left_by_a_killed_build_are_removed(garage):
+    proc, _, _ = garage.build("b1")
+    assert proc.returncode == 0, proc.stderr
+    git_dir = garage.root / "src" / "llama" / ".git"
+    (git_dir / "index.lock").write_text("")  # what a kill mid-checkout leaves
+    (git_dir / "shallow.lock").write_text("")
+    proc, build_dir, commit = garage.build("b2")
+    assert proc.returncode == 0, proc.stderr
+    assert not (git_dir / "index.lock").exists() and not (git_dir / "shallow.lock").exists()
+    assert f"version: 2 ({commit[:7]}" in version(build_dir)
+    assert "removed stale .git/index.lock" in (build_dir / "build.log").read_text()
+
+
+def test_a_build_running_holds_off_a_second_one(garage):
+    builds = garage.root / "builds" / "llama"
+    builds.mkdir(parents=True)
+    holder = subprocess.Popen(["flock", str(builds / ".lock"), "sleep", "30"])
+    try:
+        for _ in range(50):  # wait until the holder has the lock
+            if subprocess.run(["flock", "-n", str(builds / ".lock"), "true"]).returncode:
+                break
+            time.sleep(0.1)
+        proc, build_dir, _ = garage.build("b1")
+        assert proc.returncode == 1
+        assert "another build of llama is running on this host" in proc.stderr
+        assert not (build_dir / "stamp").exists()
+    finally:
+        holder.kill()
+        holder.wait()
