@@ -8,14 +8,17 @@ operation runs."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
+import subprocess
 from collections.abc import Callable
 from typing import Any
 
+from pyinfra import logger
 from pyinfra.api.exceptions import DeployError
 from pyinfra.facts.hardware import Cpus
 
-from llm_garage.facts.engine import CudaToolkit, GitRemoteRefs, PinRecords
+from llm_garage.facts.engine import CudaToolkit, GitRemoteRefs, PinRecords, parse_ls_remote
 from llm_garage.facts.gpu import GpuComputeCaps
 from llm_garage.settings import Engine, Rig, flags_hash
 
@@ -133,6 +136,27 @@ class BuildPlan:
         return f"{self.engine} ({self.kind} {pin}), {arches}, -j {self.jobs}"
 
 
+def controller_refs(remote: str, ref: str) -> dict | None:
+    """GitRemoteRefs' answer, asked from the controller: for a rig without git yet. None when
+    the remote is not a URL (a path names a folder on the rig) or git is missing here too."""
+    if not re.match(r"(https?|git|ssh)://|[^/\s]+@[^/\s]+:", remote):
+        return None
+    command = ["git", "ls-remote", remote, f"refs/tags/{ref}", f"refs/tags/{ref}^{{}}",
+               f"refs/heads/{ref}"]
+    try:
+        out = subprocess.run(command, capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "GIT_TERMINAL_PROMPT": "0"})
+    except FileNotFoundError:
+        return None
+    except subprocess.TimeoutExpired:
+        return {"refs": {}, "error": "(no answer within 120 s, asked from the controller)"}
+    if out.returncode:
+        text = " ".join(out.stderr.split()) or f"git ls-remote exited {out.returncode}"
+        return {"refs": {}, "error": text + " (asked from the controller)"}
+    logger.info(f"--> {remote} {ref}: resolved from the controller (no git on the rig yet)")
+    return {"refs": parse_ls_remote(out.stdout.splitlines()), "error": None}
+
+
 def fetch_specs(engine: Engine, commit: str) -> tuple[str, ...]:
     """What to fetch, in order, to bring `commit` into the source folder."""
     if engine.pinned_commit:
@@ -148,8 +172,12 @@ def _resolve_commit(rig: Rig, engine: Engine, get_fact: GetFact, problem) -> str
     remote = engine.git_remote
     info = get_fact(GitRemoteRefs, remote=remote, ref=engine.ref)
     if info is None:
-        problem("git is not installed on the rig, so the pin cannot be resolved",
-                "install git (apt-get install git) and run again")
+        # A fresh rig gets git from this run's base packages, after planning: ask from here.
+        info = controller_refs(remote, engine.ref)
+    if info is None:
+        problem(f"git is not installed on the rig, and {remote} cannot be read from where "
+                "pyinfra runs either", "install git on the rig (apt-get install git) and run "
+                "again")
         return None
     if info["error"]:
         problem(f"cannot read {remote}: {info['error']}",

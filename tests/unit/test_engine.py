@@ -4,13 +4,16 @@ derivation, build folder naming, and the operations' commands for given facts.""
 from __future__ import annotations
 
 import copy
+import os
 import shlex
+import subprocess
 
 import pytest
 from pyinfra.api import FunctionCommand, StringCommand
 from pyinfra.context import ctx_host
 from pyinfra.facts.hardware import Cpus
 
+from lab.standins.engine_repo import serve_git
 from llm_garage.facts.engine import (
     CudaToolkit,
     EngineBuilds,
@@ -283,8 +286,33 @@ def test_unreachable_remote_and_missing_git():
     text = problems_for({"ref": "b8137"}, Facts(GitRemoteRefs={
         "refs": {}, "error": "fatal: unable to connect"}))
     assert f"cannot read {REMOTE}: fatal: unable to connect" in text
-    text = problems_for({"ref": "b8137"}, Facts(GitRemoteRefs=None))
-    assert "git is not installed" in text
+    local = {"ref": "b8137", "remote": "/srv/git/llama.cpp"}  # a folder on the rig
+    text = problems_for(local, Facts(GitRemoteRefs=None))
+    assert "git is not installed on the rig, and /srv/git/llama.cpp cannot be read" in text
+
+
+def test_a_rig_without_git_yet_has_its_pin_resolved_from_the_controller(tmp_path):
+    """A fresh minimal rig gets git from the run's base packages, after planning."""
+    repo = tmp_path / "repos" / "llama.cpp.git"
+    work = tmp_path / "work"
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    for argv in (["git", "init", "-q", str(work)],
+                 ["git", "-C", str(work), "commit", "-q", "--allow-empty", "-m", "one"],
+                 ["git", "-C", str(work), "tag", "b8137"],
+                 ["git", "clone", "-q", "--bare", str(work), str(repo)]):
+        subprocess.run(argv, check=True, env=env, capture_output=True)
+    commit = subprocess.run(["git", "-C", str(work), "rev-parse", "HEAD"], check=True,
+                            capture_output=True, text=True).stdout.strip()
+    with serve_git(tmp_path / "repos", "127.0.0.1") as daemon:
+        rig = rig_for({"ref": "b8137", "remote": daemon.url_for("llama.cpp.git"),
+                       "cuda": False})
+        (plan,) = plan_builds(rig, Facts(GitRemoteRefs=None))
+        assert plan.commit == commit
+        rig = rig_for({"ref": "b9999", "remote": daemon.url_for("llama.cpp.git"),
+                       "cuda": False})
+        with pytest.raises(EngineError, match="no tag 'b9999'"):
+            plan_builds(rig, Facts(GitRemoteRefs=None))
 
 
 def test_missing_nvcc_says_what_to_install():
