@@ -78,10 +78,12 @@ def environment_word(name: str, value: str) -> str:
 
 # --- llama-server units --------------------------------------------------------------------
 
-def has_gpu_power_unit(rig: Rig) -> bool:
-    """The boot-time GPU unit exists when there are GPUs and something to apply to them."""
+def has_gpu_power_unit(rig: Rig, nvidia_modprobe: str | None = None) -> bool:
+    """The boot-time GPU unit exists when there are GPUs and something to do for them: power
+    settings to apply, or device nodes to create (`nvidia_modprobe`, where the driver has it)."""
     return rig.data.gpu_count > 0 and (rig.power_limits() is not None
-                                       or rig.data.gpu_persistence_mode)
+                                       or rig.data.gpu_persistence_mode
+                                       or bool(nvidia_modprobe))
 
 
 def service_environment(rig: Rig, profile: str) -> dict[str, str]:
@@ -106,7 +108,9 @@ def llama_unit_context(rig: Rig, profile: str, model_path: str, binary: str | No
         read_only.append(model_dir)
     under_home = any(path == h or path.startswith(h + "/")
                      for path in read_only for h in HOME_PREFIXES)
-    power = [GPU_POWER_UNIT] if has_gpu_power_unit(rig) else []
+    # Ordered after the GPU unit whenever the rig has GPUs, whether or not that unit exists:
+    # its settings then never change (and so never restart) the servers.
+    power = [GPU_POWER_UNIT] if rig.data.gpu_count else []
     return {
         "marker": GENERATED_MARKER,
         "profile": profile,
@@ -146,11 +150,20 @@ def gpu_power_commands(rig: Rig, nvidia_smi: str) -> list[list[str]]:
     return commands
 
 
-def gpu_power_unit_context(rig: Rig, nvidia_smi: str) -> dict:
+def gpu_power_unit_context(rig: Rig, nvidia_smi: str, nvidia_modprobe: str | None = None
+                           ) -> dict:
     """The oneshot unit that re-applies persistence mode and power limits at every boot,
-    after the NVIDIA persistence daemon and before every llama-server of the rig."""
+    after the NVIDIA persistence daemon and before every llama-server of the rig.
+
+    First, as root, it creates the NVIDIA device nodes (`nvidia-modprobe -u -c0`: the UVM
+    node appears only on first CUDA use otherwise, and the services, run with
+    NoNewPrivileges, cannot create it through the setuid helper); a failure there (`-`) does
+    not stop the power settings."""
+    lines = [exec_line(c) for c in gpu_power_commands(rig, nvidia_smi)]
+    if nvidia_modprobe:
+        lines.insert(0, "-" + exec_line([nvidia_modprobe, "-u", "-c0"]))
     return {
         "marker": GENERATED_MARKER,
         "before": [service_name(p) for p in sorted(rig.enabled_profiles)],
-        "exec_start": [exec_line(c) for c in gpu_power_commands(rig, nvidia_smi)],
+        "exec_start": lines,
     }

@@ -21,7 +21,8 @@ UNIT_TEMPLATE = str(Path(__file__).resolve().parent.parent / "templates"
 @deploy("GPUs")
 def converge(rig: Rig) -> None:
     d = rig.data
-    if not units.has_gpu_power_unit(rig):
+    nvidia_modprobe = host.get_fact(Which, command="nvidia-modprobe") if d.gpu_count else None
+    if not units.has_gpu_power_unit(rig, nvidia_modprobe):
         if d.gpu_count == 0:
             host.log("gpus: no NVIDIA GPUs (gpu_count 0), power settings skipped")
         services.unit_absent(name=f"No {GPU_POWER_UNIT}", service=GPU_POWER_UNIT,
@@ -41,7 +42,7 @@ def converge(rig: Rig) -> None:
     unit = files.template(name=f"Boot unit {GPU_POWER_UNIT}", src=UNIT_TEMPLATE,
                           dest=unit_path(GPU_POWER_UNIT), user="root", group="root", mode="644",
                           jinja_env_kwargs=dict(units.TEMPLATE_OPTIONS),
-                          unit=units.gpu_power_unit_context(rig, nvidia_smi))
+                          unit=units.gpu_power_unit_context(rig, nvidia_smi, nvidia_modprobe))
     systemd.daemon_reload(name="Reload systemd (GPU power unit changed)", _if=unit.did_change)
     systemd.service(name=f"Enable {GPU_POWER_UNIT} at boot", service=GPU_POWER_UNIT,
                     running=None, enabled=True)

@@ -178,8 +178,29 @@ def test_no_gpu_power_unit_without_gpus_or_settings():
     assert not units.has_gpu_power_unit(rig())
     assert not units.has_gpu_power_unit(rig(gpu_count=1, gpu_persistence_mode=False))
     assert units.has_gpu_power_unit(rig(gpu_count=1))
+    assert units.has_gpu_power_unit(rig(gpu_count=1, gpu_persistence_mode=False),
+                                    "/usr/bin/nvidia-modprobe")
+    assert not units.has_gpu_power_unit(rig(), "/usr/bin/nvidia-modprobe")
     text = llama_unit(rig(), "p", "/srv/models/m/m.gguf")
     assert "After=network-online.target\n" in text
+
+
+def test_gpu_settings_never_change_the_llama_unit():
+    """Turning persistence or limits on or off must not restart (reload) every server."""
+    texts = {llama_unit(rig(gpu_count=1, **settings), "p", "/srv/models/m/m.gguf")
+             for settings in ({}, {"gpu_persistence_mode": False},
+                              {"gpu_power_limit_w": 300})}
+    (text,) = texts
+    assert "After=network-online.target llm-garage-gpu-power.service\n" in text
+
+
+def test_gpu_unit_creates_the_device_nodes_first_where_the_driver_can():
+    r = rig(gpu_count=1, gpu_power_limit_w=300)
+    text = render(gpus_task.UNIT_TEMPLATE, units.gpu_power_unit_context(
+        r, "/usr/bin/nvidia-smi", "/usr/bin/nvidia-modprobe"))
+    assert [x for x in text.splitlines() if x.startswith("ExecStart=")] == [
+        "ExecStart=-/usr/bin/nvidia-modprobe -u -c0", "ExecStart=/usr/bin/nvidia-smi -pm 1",
+        "ExecStart=/usr/bin/nvidia-smi -i 0 -pl 300"]
 
 
 def test_profile_environment_mlock_key_and_home(monkeypatch):
