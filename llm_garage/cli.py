@@ -74,13 +74,23 @@ def plan_lines(rig: Rig, locked: Lock | None = None) -> list[str]:
     return out
 
 
+def pinned_as_asked(name: str, model, locked: Lock | None) -> bool:
+    """The lock pins this model as the inventory asks (True when there is no lock)."""
+    from .hf import Spec
+
+    if locked is None:
+        return True
+    pinned = locked.models.get(name)
+    return pinned is not None and pinned.spec == Spec.of(model)
+
+
 def model_lock_lines(name: str, model, locked: Lock | None) -> list[str]:
     if locked is None:
         return []
-    from .hf import Spec, human_size
+    from .hf import human_size
 
     pinned = locked.models.get(name)
-    if pinned is None or pinned.spec != Spec.of(model):
+    if not pinned_as_asked(name, model, locked):
         what = "is not in the lock" if pinned is None else "differs from the lock"
         return [f"    {what}: run `llm-garage lock` before deploying"]
     return [f"    locked at commit {pinned.commit}:"] + [
@@ -98,9 +108,17 @@ def cmd_check(args) -> int:
     except (SettingsError, LockError) as e:
         print(f"llm-garage: {args.inventory}: {e}", file=sys.stderr)
         return 1
+    stale = []
     for rig in rigs.values():
+        stale += [f"{rig.name}: {name}" for name in sorted(rig.models)
+                  if not pinned_as_asked(name, rig.models[name], locked)]
         print("\n".join(plan_lines(rig, locked)))
         print()
+    if stale:
+        print(f"llm-garage: {args.inventory}: the lock {path} does not pin what the inventory "
+              f"asks for ({', '.join(stale)}); run `llm-garage lock "
+              f"{args.inventory}`", file=sys.stderr)
+        return 1
     print(f"{args.inventory}: {len(rigs)} rig(s) valid")
     return 0
 

@@ -221,3 +221,6 @@ def test_lock_command_writes_the_lock_and_check_lists_the_files(hub, tmp_path):
     check = subprocess.run([*cli, "check", str(inv)], capture_output=True, text=True, env=env,
                            cwd=REPO, timeout=120)
     assert "differs from the lock: run `llm-garage lock`" in check.stdout
+    assert check.returncode == 1  # a stale lock fails the check, as it would fail a deploy
+    assert f"does not pin what the inventory asks for (rig1: q4); run `llm-garage lock {inv}`" \
+        in check.stderr
