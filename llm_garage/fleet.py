@@ -6,14 +6,14 @@ import weakref
 
 from pyinfra.api.exceptions import DeployError
 
-from .schema import SettingError
+from .schema import SettingProblem
 from .settings import Rig, load_rig, raw_host_data
 
 
 class SettingsError(DeployError):
     """Every settings problem of the inventory, one line each, raised before any host changes."""
 
-    def __init__(self, errors: list[SettingError]):
+    def __init__(self, errors: list[SettingProblem]):
         self.errors = errors
         lines = "\n".join(f"  - {e}" for e in errors)
         super().__init__(
@@ -24,7 +24,7 @@ class SettingsError(DeployError):
 def load_fleet(hosts) -> dict[str, Rig]:
     """Validate every host (pyinfra Host objects); raise SettingsError listing all problems."""
     rigs: dict[str, Rig] = {}
-    errors: list[SettingError] = []
+    errors: list[SettingProblem] = []
     for host in hosts:
         rig, host_errors = load_rig(host.name, raw_host_data(host))
         errors += host_errors

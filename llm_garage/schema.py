@@ -65,23 +65,29 @@ def default_of(f: dataclasses.Field) -> Any:
     return REQUIRED
 
 
-class SettingError(Exception):
-    """One problem with one setting of one host."""
+class SettingProblem:
+    """One problem with one setting of one host: a line of the one error a run raises for
+    all of them (`fleet.SettingsError`)."""
 
     def __init__(self, host: str, path: str, problem: str, accepts: str = ""):
         self.host, self.path, self.problem, self.accepts = host, path, problem, accepts
-        text = f"host {host!r}: {path}: {problem}"
+        self.text = f"host {host!r}: {path}: {problem}"
         if accepts:
-            text += f" (accepted: {accepts})"
-        super().__init__(text)
+            self.text += f" (accepted: {accepts})"
+
+    def __str__(self) -> str:
+        return self.text
+
+    def __repr__(self) -> str:
+        return f"SettingProblem({self.text!r})"
 
 
-def build(cls, raw: Any, *, host: str, path: str, errors: list[SettingError]):
+def build(cls, raw: Any, *, host: str, path: str, errors: list[SettingProblem]):
     """Build a `cls` instance from a raw mapping, appending every problem found to `errors`.
 
     Returns None when the mapping itself is unusable."""
     if not isinstance(raw, Mapping):
-        errors.append(SettingError(host, path, f"expected a mapping, got {_show(raw)}"))
+        errors.append(SettingProblem(host, path, f"expected a mapping, got {_show(raw)}"))
         return None
     known = {f.name: f for f in fields_of(cls)}
     values: dict[str, Any] = {}
@@ -92,7 +98,7 @@ def build(cls, raw: Any, *, host: str, path: str, errors: list[SettingError]):
         where = f"{path}.{name}" if path else name
         if name not in raw or (raw[name] is None and not is_required(f)):
             if is_required(f):
-                errors.append(SettingError(host, where, "is required: " + f.metadata["doc"]))
+                errors.append(SettingProblem(host, where, "is required: " + f.metadata["doc"]))
                 continue
             values[name] = default_of(f)
             continue
@@ -100,18 +106,18 @@ def build(cls, raw: Any, *, host: str, path: str, errors: list[SettingError]):
         try:
             values[name] = check(raw[name]) if check else raw[name]
         except Invalid as e:
-            errors.append(SettingError(host, where, e.problem, e.accepts))
+            errors.append(SettingProblem(host, where, e.problem, e.accepts))
     if any(name not in values for name in known):
         return None
     return cls(**values)
 
 
-def unknown_key(host: str, path: str, key: Any, known) -> SettingError:
+def unknown_key(host: str, path: str, key: Any, known) -> SettingProblem:
     where = f"{path}.{key}" if path else str(key)
     close = difflib.get_close_matches(str(key), list(known), n=1, cutoff=0.5)
     if close:
-        return SettingError(host, where, f"unknown setting (did you mean {close[0]!r}?)")
-    return SettingError(host, where, "unknown setting", ", ".join(sorted(known)))
+        return SettingProblem(host, where, f"unknown setting (did you mean {close[0]!r}?)")
+    return SettingProblem(host, where, "unknown setting", ", ".join(sorted(known)))
 
 
 def _show(value: Any) -> str:

@@ -22,7 +22,7 @@ from typing import Any
 from .layout import Layout
 from .schema import (
     Invalid,
-    SettingError,
+    SettingProblem,
     build,
     either,
     is_abs_path,
@@ -618,8 +618,8 @@ def raw_host_data(host) -> dict[str, Any]:
     return merged
 
 
-def load_rig(name: str, raw: Mapping[str, Any]) -> tuple[Rig | None, list[SettingError]]:
-    errors: list[SettingError] = []
+def load_rig(name: str, raw: Mapping[str, Any]) -> tuple[Rig | None, list[SettingProblem]]:
+    errors: list[SettingProblem] = []
     ours = {}
     for key, value in raw.items():
         if key in HOST_KEYS:
@@ -635,13 +635,13 @@ def load_rig(name: str, raw: Mapping[str, Any]) -> tuple[Rig | None, list[Settin
     def section(key, cls):
         raw_section = getattr(data, key)
         if not isinstance(raw_section, Mapping):
-            errors.append(SettingError(name, key, "expected a mapping of name: settings"))
+            errors.append(SettingProblem(name, key, "expected a mapping of name: settings"))
             return {}
         out = {}
         for item_name, item in raw_section.items():
             defined.add(f"{key}.{item_name}")
             if not isinstance(item_name, str) or not re.fullmatch(NAME, item_name):
-                errors.append(SettingError(name, f"{key}.{item_name}", "is not a valid name",
+                errors.append(SettingProblem(name, f"{key}.{item_name}", "is not a valid name",
                                            "letters, digits, '.', '_' and '-'"))
                 continue
             built = build(cls, item, host=name, path=f"{key}.{item_name}", errors=errors)
@@ -659,9 +659,9 @@ def load_rig(name: str, raw: Mapping[str, Any]) -> tuple[Rig | None, list[Settin
     return rig, errors
 
 
-def _cross_check(rig: Rig, errors: list[SettingError], defined: set[str]) -> None:
+def _cross_check(rig: Rig, errors: list[SettingProblem], defined: set[str]) -> None:
     def err(path, problem, accepts=""):
-        errors.append(SettingError(rig.name, path, problem, accepts))
+        errors.append(SettingProblem(rig.name, path, problem, accepts))
 
     d = rig.data
     for name, e in rig.engines.items():

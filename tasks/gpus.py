@@ -11,7 +11,7 @@ from llm_garage import units
 from llm_garage.facts.gpu import GpuTable
 from llm_garage.layout import GPU_POWER_UNIT, unit_path
 from llm_garage.operations import gpu, services
-from llm_garage.operations.gpu import GpuSettingsError, plan_power
+from llm_garage.operations.gpu import GpuError, plan_power
 from llm_garage.settings import Rig
 
 UNIT_TEMPLATE = str(Path(__file__).resolve().parent.parent / "templates"
@@ -31,7 +31,7 @@ def converge(rig: Rig) -> None:
 
     nvidia_smi = host.get_fact(Which, command="nvidia-smi")
     if not nvidia_smi:
-        raise GpuSettingsError(f"host {rig.name!r}: gpu_count is {d.gpu_count} but nvidia-smi "
+        raise GpuError(f"host {rig.name!r}: gpu_count is {d.gpu_count} but nvidia-smi "
                                "is not installed (install the NVIDIA driver first)")
     limits = rig.power_limits()
     # Checked now, while the deploy is prepared: a bad limit or GPU count stops the run before

@@ -15,7 +15,7 @@ from llm_garage.facts.gpu import Gpu, GpuTable
 WATTS_TOLERANCE = 0.5
 
 
-class GpuSettingsError(DeployError):
+class GpuError(DeployError):
     """The rig's GPUs cannot take the configured settings; raised before anything is set."""
 
 
@@ -31,15 +31,15 @@ class PowerChange:
 
 def plan_power(host_name: str, gpu_count: int, limits: list[float] | None, persistence: bool,
                table: list[Gpu] | None) -> list[PowerChange]:
-    """What to change so that the GPUs match the settings, or GpuSettingsError naming the host,
+    """What to change so that the GPUs match the settings, or GpuError naming the host,
     the GPU index and the allowed range. Checks every GPU before proposing any change."""
     if table is None:
-        raise GpuSettingsError(
+        raise GpuError(
             f"host {host_name!r}: gpu_count is {gpu_count} but nvidia-smi is missing or does "
             "not answer --query-gpu (is the NVIDIA driver installed?)")
     if len(table) != gpu_count:
         found = ", ".join(f"{g.index}: {g.name}" for g in table) or "none"
-        raise GpuSettingsError(
+        raise GpuError(
             f"host {host_name!r}: gpu_count is {gpu_count} but nvidia-smi lists {len(table)} "
             f"GPU(s) ({found}); set gpu_count to what the rig has")
     problems = []
@@ -52,7 +52,7 @@ def plan_power(host_name: str, gpu_count: int, limits: list[float] | None, persi
                             f"outside the allowed range {gpu.min_limit_w:g}-"
                             f"{gpu.max_limit_w:g} W")
     if problems:
-        raise GpuSettingsError(f"host {host_name!r}: " + "; ".join(problems)
+        raise GpuError(f"host {host_name!r}: " + "; ".join(problems)
                                + ". Nothing was set.")
 
     changes = []
@@ -84,7 +84,7 @@ def power_settings(gpu_count: int, limits: list[float] | None = None, persistenc
     + nvidia_smi: path of nvidia-smi on the rig
 
     Every limit is checked against the GPU's own min and max before anything is set; a
-    limit outside them raises GpuSettingsError (``tasks/gpus.py`` checks the same while the
+    limit outside them raises GpuError (``tasks/gpus.py`` checks the same while the
     deploy is prepared, so that a run with ``-y`` stops before any host changes). Each
     correction is reported as drift.
 
@@ -97,7 +97,7 @@ def power_settings(gpu_count: int, limits: list[float] | None = None, persistenc
     table = host.get_fact(GpuTable)
     try:
         changes = plan_power(host.name, gpu_count, limits, persistence, table)
-    except GpuSettingsError as e:
+    except GpuError as e:
         if not host.state.is_executing:
             raise  # while preparing: stop the run before anything is set anywhere
         yield StringCommand("echo", QuoteString(str(e)), ">&2;", "exit", "1")

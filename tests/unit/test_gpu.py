@@ -13,7 +13,7 @@ from pyinfra.context import ctx_host
 
 from llm_garage.facts.gpu import GPU_TABLE_COMMAND, Gpu, GpuTable, parse_gpu_table
 from llm_garage.operations import gpu as gpu_ops
-from llm_garage.operations.gpu import GpuSettingsError, PowerChange, plan_power
+from llm_garage.operations.gpu import GpuError, PowerChange, plan_power
 
 FAKE_SMI = Path(__file__).resolve().parents[2] / "lab" / "standins" / "gpu" / "nvidia-smi"
 
@@ -90,7 +90,7 @@ def test_persistence_left_alone_and_no_limits():
 
 def test_limit_outside_the_range_names_host_gpu_and_range_and_sets_nothing():
     table = [gpu(0), gpu(1, name="NVIDIA RTX PRO 6000", low=150.0, high=600.0)]
-    with pytest.raises(GpuSettingsError) as e:
+    with pytest.raises(GpuError) as e:
         plan_power("epyc", 2, [350.0, 700.0], True, table)
     assert str(e.value) == (
         "host 'epyc': GPU 1 (NVIDIA RTX PRO 6000): gpu_power_limit_w 700 W is outside the "
@@ -98,25 +98,25 @@ def test_limit_outside_the_range_names_host_gpu_and_range_and_sets_nothing():
 
 
 def test_every_bad_gpu_is_named():
-    with pytest.raises(GpuSettingsError) as e:
+    with pytest.raises(GpuError) as e:
         plan_power("garage", 2, [50.0, 400.0], True, [gpu(0), gpu(1)])
     assert "GPU 0 (RTX 3090): gpu_power_limit_w 50 W" in str(e.value)
     assert "GPU 1 (RTX 3090): gpu_power_limit_w 400 W" in str(e.value)
 
 
 def test_unknown_range_cannot_take_a_limit():
-    with pytest.raises(GpuSettingsError, match=r"GPU 0 \(RTX 3090\) does not report"):
+    with pytest.raises(GpuError, match=r"GPU 0 \(RTX 3090\) does not report"):
         plan_power("r", 1, [300.0], True, [gpu(0, low=None, high=None)])
 
 
 def test_count_mismatch():
-    with pytest.raises(GpuSettingsError) as e:
+    with pytest.raises(GpuError) as e:
         plan_power("garage", 6, [350.0] * 6, True, [gpu(0), gpu(1)])
     assert str(e.value).startswith("host 'garage': gpu_count is 6 but nvidia-smi lists 2 GPU(s)")
 
 
 def test_missing_nvidia_smi():
-    with pytest.raises(GpuSettingsError, match="nvidia-smi is missing"):
+    with pytest.raises(GpuError, match="nvidia-smi is missing"):
         plan_power("r", 1, None, True, None)
 
 
@@ -170,7 +170,7 @@ def test_operation_noop():
 
 def test_operation_refuses_before_yielding_anything():
     fake = FakeHost([gpu(0), gpu(1)])
-    with ctx_host.use(fake), pytest.raises(GpuSettingsError):
+    with ctx_host.use(fake), pytest.raises(GpuError):
         next(gpu_ops.power_settings._inner(gpu_count=2, limits=[350.0, 351.0]))
 
 

@@ -17,8 +17,14 @@ REPO = Path(__file__).resolve().parents[2]
 def installed(tmp_path_factory):
     """A fresh venv with llm-garage installed from its wheel."""
     tmp = tmp_path_factory.mktemp("packaging")
+    source = tmp / "source"  # a copy: building writes build/ and egg-info beside the sources
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    shutil.copytree(REPO / "llm_garage", source / "llm_garage",
+                    ignore=shutil.ignore_patterns("__pycache__"))
     wheels = tmp / "wheels"
-    run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels), str(REPO)])
+    run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels), str(source)])
     (wheel,) = wheels.glob("llm_garage-*.whl")
     venv = tmp / "venv"
     run([sys.executable, "-m", "venv", str(venv)])
