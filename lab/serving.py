@@ -1,6 +1,7 @@
 """What the end-to-end tests of services, GPUs and opencode, and bench/rigs_bench.py, share: a
-fixture engine repository (llama.cpp flavour, tags b6 and b8 that build), a fake Hugging Face
-hub with a tiny split model, host data for rigs that serve it, and readings taken on the rigs."""
+fixture engine repository (llama.cpp flavour, tags b6 and b8 that build, b9 to b12 that build
+a faulty server), a fake Hugging Face hub with a tiny split model, host data for rigs that
+serve it, and readings taken on the rigs."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import json
 import shlex
 from pathlib import Path
 
-from lab.standins.engine_repo import EngineRepo, build_engine_repo
+from lab.standins.engine_repo import FAULTS, EngineRepo, build_engine_repo
 from lab.standins.gguf_gen import write_split_model
 from lab.standins.gpu import fake_gpu_files
 from lab.standins.hf_server import HFServer
@@ -21,10 +22,13 @@ API_KEY_ENV = "GARAGE_E2E_API_KEY"
 
 
 def make_engine_repo(base: Path) -> EngineRepo:
-    """llama.cpp with 8 commits: b3 does not compile, b4 fixes it, b6 and b8 build."""
+    """llama.cpp with 8 commits: b3 does not compile, b4 fixes it, b6 and b8 build. Off b8, one
+    tag per deliberate server fault (``repo.fault_tags``): b9 tool_history_500, b10
+    arguments_object, b11 ctx_clamp, b12 crash_after_health."""
     repo = build_engine_repo(base, "llama.cpp", n_commits=8, n_units=2, unit_weight=2,
-                             broken_at=3)
+                             broken_at=3, faults=FAULTS)
     assert {"b6", "b8"} <= set(repo.tags)
+    assert repo.fault_tags == {fault: f"b{9 + i}" for i, fault in enumerate(FAULTS)}
     return repo
 
 

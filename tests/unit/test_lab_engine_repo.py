@@ -3,6 +3,7 @@ upstream's interface, and a llama-server with upstream's command line and HTTP s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -14,8 +15,15 @@ from pathlib import Path
 import pytest
 import requests
 
-from lab.standins.engine_repo import build_engine_repo, cmake_build, serve_git
-from lab.standins.gguf_gen import write_split_model, write_tiny_model
+from lab.serving import make_engine_repo
+from lab.standins.engine_repo import (
+    FAULTS,
+    add_fault_tag,
+    build_engine_repo,
+    cmake_build,
+    serve_git,
+)
+from lab.standins.gguf_gen import CHATML_TEMPLATE, write_split_model, write_tiny_model
 from lab.standins.gpu import fake_gpu_files
 
 # Small sources keep these builds to seconds; the default size is for ccache measurements.
@@ -437,25 +445,36 @@ def test_fixture_engine_cuda_native_needs_a_gpu(cpu_build, rig_root, tmp_path):
     assert "86-real;89-real;90-virtual;120a-real" in default.stdout
 
 
-def test_fixture_engine_cuda_build_records_architectures(cpu_build, rig_root, tmp_path):
-    root = rig_root(cuda="12.8")
-    env = cuda_env(root, False)
+@pytest.fixture(scope="session")
+def cuda_build(cpu_build, tmp_path_factory):
+    """llama.cpp flavour with GGML_CUDA=ON, built once against a fake CUDA 12.8 toolkit."""
+    base = tmp_path_factory.mktemp("cuda-build")
+    root = base / "rig"
+    for path, (content, mode) in fake_gpu_files("rtx3090", 1, "12.8").items():
+        target = root / path.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(content)
+        target.chmod(mode)
     configure_run, build = cmake_build(
-        cpu_build["src"], tmp_path / "b",
+        cpu_build["src"], base / "b",
         ["-DLLAMA_OPENSSL=OFF", "-DGGML_CUDA=ON", NO_HOST_CUDA,
          f"-DCMAKE_CUDA_COMPILER={root}/usr/local/cuda/bin/nvcc",
          "-DCMAKE_CUDA_ARCHITECTURES=86;120", "-DGGML_CUDA_FA_ALL_QUANTS=ON", "-DGGML_RPC=ON"],
-        env=env)
+        env=cuda_env(root, False))
     assert configure_run.returncode == 0, configure_run.stderr
     assert build is not None and build.returncode == 0, build.stderr
-    binary = tmp_path / "b/bin/llama-server"
+    return base / "b/bin/llama-server"
+
+
+def test_fixture_engine_cuda_build_records_architectures(cuda_build):
+    binary = cuda_build
     info = json.loads(subprocess.run([str(binary), "--fixture-build-info"], capture_output=True,
                                      text=True).stdout)
     assert info["options"]["CMAKE_CUDA_ARCHITECTURES"] == "86;120"
     assert info["options"]["GGML_CUDA_FA_ALL_QUANTS"] == "ON"
     assert info["cuda"]["architectures"] == ["86", "120a"]
     assert info["cuda"]["toolkit_version"] == "12.8.93"
-    assert (tmp_path / "b/bin/libggml-cuda.so").exists()
+    assert (binary.parent / "libggml-cuda.so").exists()
     r = subprocess.run([str(binary), "--rpc", "x:1", "-ot", "exps=CUDA0", "--version"],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
@@ -489,6 +508,18 @@ def test_fixture_engine_ik_flavour(repos, tmp_path):
                          "-sm", "graph", "-ts", "3/1", "--version"], capture_output=True,
                         text=True)
     assert ok.returncode == 0, ok.stderr
+    # ik_llama.cpp's /props: the context at the top level, no build_info.
+    model = write_tiny_model(tmp_path / "tiny.gguf")
+    proc, base = start_server(binary, "-m", str(model), "-c", "6000", "-np", "3",
+                              env={"FIXTURE_LOAD_SECONDS": "0"})
+    try:
+        assert wait_ready(base)
+        props = requests.get(base + "/props", timeout=2).json()
+    finally:
+        stop(proc)
+    assert props["n_ctx"] == 2000 and props["total_slots"] == 3
+    assert "build_info" not in props and "n_ctx" not in props["default_generation_settings"]
+    assert props["chat_template"] == CHATML_TEMPLATE
     # As in ik_llama.cpp, the server is one of the examples.
     configure_run, build = cmake_build(src, tmp_path / "b2", ["-DLLAMA_BUILD_EXAMPLES=OFF"])
     assert build is not None and build.returncode != 0
@@ -499,3 +530,301 @@ def test_fixture_engine_template_has_no_build_outputs():
     engine = Path(__file__).resolve().parents[2] / "lab/standins/engine"
     assert not any(p.name == "build" for p in engine.rglob("*"))
     assert shutil.which("git") and shutil.which("cmake")
+
+
+# --------------------------------------------------------------------------- what a deploy proves
+
+ANSWER = "Hello from the fixture engine."
+TOOLS = [
+    {"type": "function", "function": {
+        "name": "read_file", "description": "Read a file",
+        "parameters": {"type": "object", "properties": {
+            "path": {"type": "string"},
+            "mode": {"type": "string", "enum": ["text", "binary"]},
+            "limit": {"type": "integer"},
+            "follow": {"type": "boolean"},
+            "comment": {"type": "string"}},
+            "required": ["path", "mode", "limit", "follow"]}}},
+    {"type": "function", "function": {"name": "list_dir", "parameters": {
+        "type": "object", "properties": {"dir": {"type": "string"}}, "required": ["dir"]}}},
+]
+TURN_1 = [{"role": "user", "content": "Read notes.txt"}]
+
+
+def turn_2(call):
+    return [*TURN_1, {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": call["id"], "content": "hello"}]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    return write_tiny_model(tmp_path_factory.mktemp("model") / "tiny.gguf")
+
+
+@contextlib.contextmanager
+def serving(binary, *args, env=None):
+    """A ready server; yields (base URL, dict whose "log" is the server's output once stopped)."""
+    proc, base = start_server(binary, *args, env={"FIXTURE_LOAD_SECONDS": "0", **(env or {})})
+    out = {"proc": proc}
+    try:
+        assert wait_ready(base)
+        yield base, out
+    finally:
+        out["log"] = stop(proc)
+
+
+def chat(base, **body):
+    return requests.post(base + "/v1/chat/completions", json=body, timeout=5)
+
+
+def test_fixture_engine_props_llama_cpp(cpu_build, repos, tiny_model):
+    repo = repos["llama.cpp"]
+    with serving(cpu_build["bin"], "-m", str(tiny_model), "-c", "8192", "-np", "2") as (base, _):
+        props = requests.get(base + "/props", timeout=2).json()
+    assert props["default_generation_settings"]["n_ctx"] == 4096
+    assert props["total_slots"] == 2
+    assert props["build_info"] == f"b36-{repo.short(repo.head)}"
+    assert props["chat_template"] == CHATML_TEMPLATE
+    assert "n_ctx" not in props
+    with serving(cpu_build["bin"], "-m", str(tiny_model)) as (base, _):
+        props = requests.get(base + "/props", timeout=2).json()
+    assert props["default_generation_settings"]["n_ctx"] == 4096 and props["total_slots"] == 1
+    with serving(cpu_build["bin"], "-m", str(tiny_model), "-c", "3000",
+                 "--chat-template", "{{ messages }}") as (base, out):
+        props = requests.get(base + "/props", timeout=2).json()
+    assert props["default_generation_settings"]["n_ctx"] == 3000 and props["total_slots"] == 1
+    assert props["chat_template"] == "{{ messages }}"
+    assert "n_ctx_per_seq = 3000" in out["log"]
+
+
+def test_fixture_engine_default_template_and_cpu_layers(cpu_build, rig_root, tmp_path):
+    from gguf import GGUFWriter
+
+    model = tmp_path / "bare.gguf"
+    writer = GGUFWriter(model, "llama")
+    writer.add_block_count(5)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    root = rig_root(count=2)
+    # A CPU-only build ignores the GPUs the driver shows, and -ngl.
+    with serving(cpu_build["bin"], "-m", str(model), "-ngl", "99",
+                 env=cuda_env(root, True)) as (base, out):
+        props = requests.get(base + "/props", timeout=2).json()
+    assert props["chat_template"] and props["chat_template"] != CHATML_TEMPLATE
+    assert "<|im_start|>" in props["chat_template"]
+    assert "load_tensors: offloaded 0/6 layers to GPU" in out["log"]
+    assert "ggml_cuda_init" not in out["log"]
+
+
+def test_fixture_engine_tool_calls(cpu_build, tiny_model):
+    with serving(cpu_build["bin"], "-m", str(tiny_model)) as (base, _):
+        required = chat(base, messages=TURN_1, tools=TOOLS, tool_choice="required")
+        auto = chat(base, messages=TURN_1, tools=TOOLS, tool_choice="auto").json()
+        implicit = chat(base, messages=TURN_1, tools=TOOLS).json()
+        named = chat(base, messages=TURN_1, tools=TOOLS, tool_choice={
+            "type": "function", "function": {"name": "list_dir"}}).json()
+        none = chat(base, messages=TURN_1, tools=TOOLS, tool_choice="none").json()
+        plain = chat(base, messages=TURN_1).json()
+        assert required.status_code == 200
+        call = required.json()["choices"][0]["message"]["tool_calls"][0]
+        second = chat(base, messages=turn_2(call), tools=TOOLS, tool_choice="auto")
+        streamed = requests.post(base + "/v1/chat/completions", timeout=5, json={
+            "messages": TURN_1, "tools": TOOLS, "tool_choice": "required", "stream": True})
+        unknown = chat(base, messages=TURN_1, tools=TOOLS, tool_choice={
+            "type": "function", "function": {"name": "rm_rf"}})
+        broken = requests.post(base + "/v1/chat/completions", data='{"messages": [}', timeout=5)
+    choice = required.json()["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    assert choice["message"]["role"] == "assistant" and choice["message"]["content"] is None
+    assert call["id"] == "call_1" and call["type"] == "function"
+    assert call["function"]["name"] == "read_file"
+    assert isinstance(call["function"]["arguments"], str)
+    args = json.loads(call["function"]["arguments"])
+    assert set(args) == {"path", "mode", "limit", "follow"}
+    assert isinstance(args["path"], str) and args["path"]
+    assert args["mode"] == "text" and args["limit"] == 1 and args["follow"] is True
+    for answer in (auto, implicit):
+        assert answer["choices"][0]["message"]["tool_calls"][0]["function"]["name"] == "read_file"
+    named_call = named["choices"][0]["message"]["tool_calls"][0]["function"]
+    assert named_call["name"] == "list_dir" and list(json.loads(named_call["arguments"])) == ["dir"]
+    for answer in (none, plain):
+        assert answer["choices"][0]["finish_reason"] == "stop"
+        assert answer["choices"][0]["message"] == {"role": "assistant", "content": ANSWER}
+    assert second.status_code == 200, second.text
+    assert second.json()["choices"][0]["message"]["content"] == ANSWER
+    assert second.json()["choices"][0]["finish_reason"] == "stop"
+    events = [json.loads(line[6:]) for line in streamed.text.splitlines()
+              if line.startswith("data: {")]
+    delta_call = events[1]["choices"][0]["delta"]["tool_calls"][0]
+    assert delta_call["index"] == 0 and delta_call["function"]["name"] == "read_file"
+    assert events[-1]["choices"][0]["finish_reason"] == "tool_calls"
+    assert unknown.status_code == 400 and broken.status_code == 400
+
+
+# The fake driver shows an RTX 3090 (GPU 0) and an RTX PRO 6000 (GPU 1); the tiny model has
+# 2 layers, 3 with the output layer.
+@pytest.mark.parametrize("visible, args, devices, offloaded", [
+    (None, [], ["NVIDIA GeForce RTX 3090", "NVIDIA RTX PRO 6000"], "3/3"),
+    (None, ["-ngl", "1"], ["NVIDIA GeForce RTX 3090", "NVIDIA RTX PRO 6000"], "1/3"),
+    (None, ["-ngl", "all"], ["NVIDIA GeForce RTX 3090", "NVIDIA RTX PRO 6000"], "3/3"),
+    ("1", [], ["NVIDIA RTX PRO 6000"], "3/3"),
+    ("0,7,1", [], ["NVIDIA GeForce RTX 3090"], "3/3"),
+    ("uuid:1", ["-ngl", "99"], ["NVIDIA RTX PRO 6000"], "3/3"),
+    ("", ["-ngl", "99"], [], "0/3"),
+    ("-1", [], [], "0/3"),
+    ("no-driver", ["-ngl", "99"], [], "0/3"),
+])
+def test_fixture_engine_cuda_start_log(cuda_build, rig_root, tiny_model, visible, args, devices,
+                                       offloaded):
+    root = rig_root(model=["rtx3090", "rtxpro6000"], count=2)
+    env = cuda_env(root, visible != "no-driver")
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    if visible and visible.startswith("uuid:"):
+        listing = subprocess.run([str(root / "usr/bin/nvidia-smi"), "-L"], capture_output=True,
+                                 text=True, env=env).stdout.splitlines()
+        visible = listing[int(visible[5:])].split("UUID: ")[1][:12]  # a prefix, as CUDA allows
+    if visible is not None and visible != "no-driver":
+        env["CUDA_VISIBLE_DEVICES"] = visible
+    with serving(cuda_build, "-m", str(tiny_model), *args, env=env) as (_, out):
+        pass
+    log = out["log"]
+    if devices:
+        assert f"ggml_cuda_init: found {len(devices)} CUDA devices:\n" in log
+        for i, name in enumerate(devices):
+            assert re.search(rf"^  Device {i}: {name}[^,]*, compute capability", log, re.M), log
+        assert f"  Device {len(devices)}:" not in log
+    else:
+        assert ("ggml_cuda_init: failed to initialize CUDA: no CUDA-capable device is detected"
+                in log)
+        assert "found" not in log.split("ggml_cuda_init")[1].splitlines()[0]
+    assert f"load_tensors: offloaded {offloaded} layers to GPU" in log
+
+
+# --------------------------------------------------------------------------- deliberate faults
+
+
+@pytest.fixture(scope="session")
+def fault_repo(tmp_path_factory):
+    """The repository the end-to-end tests serve: b8 builds, b9 to b12 build faulty servers."""
+    return make_engine_repo(tmp_path_factory.mktemp("fault-repo"))
+
+
+@pytest.fixture(scope="session")
+def fault_build(fault_repo, tmp_path_factory):
+    """Builds the tag of a fault (once) and returns its llama-server."""
+    built = {}
+
+    def build(fault):
+        if fault not in built:
+            root = tmp_path_factory.mktemp(f"fault-{fault}")
+            src = clone(fault_repo, root / "src", "--branch", fault_repo.fault_tags[fault])
+            _, result = cmake_build(src, root / "build", ["-DLLAMA_OPENSSL=OFF"])
+            assert result is not None and result.returncode == 0, result.stderr
+            built[fault] = root / "build/bin/llama-server"
+        return built[fault]
+
+    return build
+
+
+def build_info(binary):
+    return json.loads(subprocess.run([str(binary), "--fixture-build-info"], capture_output=True,
+                                     text=True).stdout)
+
+
+def test_fixture_engine_fault_tags(fault_repo, tmp_path):
+    repo = fault_repo
+    assert repo.fault_tags == {"tool_history_500": "b9", "arguments_object": "b10",
+                               "ctx_clamp": "b11", "crash_after_health": "b12"}
+    assert list(repo.fault_tags) == list(FAULTS)
+    parent = repo.tags["b8"]
+    for fault, tag in repo.fault_tags.items():
+        sha = repo.tags[tag]
+        assert git(repo.path, "rev-parse", f"{sha}^").stdout.strip() == parent
+        assert git(repo.path, "rev-list", "--count", sha).stdout.strip() == tag[1:]
+        assert repo.build_number(sha) == int(tag[1:])
+        assert git(repo.path, "branch", "--contains", sha).stdout == ""  # on no branch
+        assert git(repo.path, "diff", "--name-only", parent, sha).stdout == "CMakeLists.txt\n"
+        cmakelists = git(repo.path, "show", f"{sha}:CMakeLists.txt").stdout
+        assert f'set(FIXTURE_FAULT "{fault}" CACHE STRING' in cmakelists
+        parent = sha
+    assert 'set(FIXTURE_FAULT "none" CACHE STRING' in git(
+        repo.path, "show", f"{repo.tags['b8']}:CMakeLists.txt").stdout
+    assert git(repo.path, "rev-parse", "master").stdout.strip() == repo.tags["b8"]
+    again = make_engine_repo(tmp_path)
+    assert again.tags == repo.tags
+    with pytest.raises(ValueError):
+        add_fault_tag(again, "segfault")
+    assert add_fault_tag(again, "none") == "b13"
+    assert again.fault_tags == repo.fault_tags
+    assert 'set(FIXTURE_FAULT "none" CACHE STRING' in git(
+        again.path, "show", "b13:CMakeLists.txt").stdout
+
+
+def test_fixture_engine_fault_option(fault_repo, tmp_path):
+    src = clone(fault_repo, tmp_path / "src", "--branch", "b12")
+    r = configure(src, tmp_path / "b1", "-DFIXTURE_FAULT=none")
+    assert r.returncode == 0, r.stderr
+    assert '"fault": "none"' in (tmp_path / "b1/common/fixture-build-info.cpp").read_text()
+    r = configure(src, tmp_path / "b2")
+    assert '"fault": "crash_after_health"' in (
+        tmp_path / "b2/common/fixture-build-info.cpp").read_text()
+    r = configure(src, tmp_path / "b3", "-DFIXTURE_FAULT=segfault")
+    assert r.returncode != 0
+    assert "FIXTURE_FAULT must be one of" in r.stderr
+
+
+def test_fixture_engine_fault_tool_history_500(fault_build, tiny_model):
+    binary = fault_build("tool_history_500")
+    assert build_info(binary)["fault"] == "tool_history_500"
+    with serving(binary, "-m", str(tiny_model)) as (base, _):
+        first = chat(base, messages=TURN_1, tools=TOOLS, tool_choice="required")
+        assert first.status_code == 200
+        call = first.json()["choices"][0]["message"]["tool_calls"][0]
+        assert isinstance(call["function"]["arguments"], str)
+        second = chat(base, messages=turn_2(call), tools=TOOLS)
+        plain = chat(base, messages=TURN_1)
+    assert second.status_code == 500
+    assert second.json() == {"error": {
+        "code": 500, "message": "Unknown (built-in) filter 'items' for type String",
+        "type": "server_error"}}
+    assert plain.status_code == 200
+
+
+def test_fixture_engine_fault_arguments_object(fault_build, tiny_model):
+    binary = fault_build("arguments_object")
+    with serving(binary, "-m", str(tiny_model)) as (base, _):
+        first = chat(base, messages=TURN_1, tools=TOOLS, tool_choice="required").json()
+        call = first["choices"][0]["message"]["tool_calls"][0]
+        second = chat(base, messages=turn_2(call), tools=TOOLS)
+    assert first["choices"][0]["finish_reason"] == "tool_calls"
+    assert isinstance(call["function"]["arguments"], dict)
+    assert set(call["function"]["arguments"]) == {"path", "mode", "limit", "follow"}
+    assert second.status_code == 200
+
+
+def test_fixture_engine_fault_ctx_clamp(fault_build, tiny_model):
+    binary = fault_build("ctx_clamp")
+    with serving(binary, "-m", str(tiny_model), "-c", "8192", "-np", "2") as (base, _):
+        slots = requests.get(base + "/props", timeout=2).json()
+    with serving(binary, "-m", str(tiny_model), "-c", "8192") as (base, _):
+        single = requests.get(base + "/props", timeout=2).json()
+    assert slots["default_generation_settings"]["n_ctx"] == 2048 and slots["total_slots"] == 2
+    assert single["default_generation_settings"]["n_ctx"] == 4096
+
+
+def test_fixture_engine_fault_crash_after_health(fault_build, tiny_model):
+    binary = fault_build("crash_after_health")
+    proc, base = start_server(binary, "-m", str(tiny_model), env={"FIXTURE_LOAD_SECONDS": "1"})
+    try:
+        # Still loading: /health answers 503, and a POST is answered, not fatal.
+        assert chat(base, messages=TURN_1).status_code == 503
+        assert proc.poll() is None
+        assert wait_ready(base)
+        with pytest.raises(requests.ConnectionError):
+            chat(base, messages=TURN_1)
+        assert proc.wait(timeout=5) == 1
+    finally:
+        log = stop(proc)
+    assert "fixture fault crash_after_health" in log
