@@ -39,21 +39,23 @@ def test_two_profiles_converge_then_restart_only_what_changed(
 
     changed = first.changes()["rig1"]
     for unit in (A, B):
-        assert f"Services | Unit {unit}" in changed
-        assert (f"Services | Start {unit} when changed, then check /health, /v1/models, "
-                "warm-up") in changed
+        assert f"Services | Wanted unit {unit}" in changed
+        assert f"Services | Serve {unit}: (re)start when changed, prove, else roll back" \
+            in changed
         state = service(rig, unit)
         assert (state["ActiveState"], state["UnitFileState"], state["User"]) == (
             "active", "enabled", "llama")
         assert starts(rig, unit) == 1  # a first start, no restart on top of it
     assert "gpus: no NVIDIA GPUs (gpu_count 0), power settings skipped" in first.stderr
-    assert "garage-server-check: llama-server-b.service: healthy after" in first.stderr
+    assert "garage-server-check: llama-server-b.service: proven: healthy after" in first.stderr
+    assert "tool call and tool result OK" in first.stderr
     verify_units(rig, A, B)
     assert served_ids(rig, 8081) == ["tiny-a"] and served_ids(rig, 8082) == ["tiny-b"]
     pid = sh(rig, f"systemctl show -p MainPID --value {A}")
     # Each argument reached llama-server exactly as written in the inventory.
     argv = sh(rig, f"tr '\\0' '\\n' < /proc/{pid}/cmdline").split("\n")
-    assert argv[:3] == ["/opt/llm-garage/builds/llama/current/bin/llama-server", "-m",
+    build = sh(rig, "readlink /opt/llm-garage/builds/llama/current")  # proven, so current
+    assert argv[:3] == [f"/opt/llm-garage/builds/llama/{build}/bin/llama-server", "-m",
                         FIRST_SHARD]
     assert argv[argv.index("--chat-template") + 1] == awkward
     assert sh(rig, f"ps -o user= -p {pid}") == "llama"
@@ -117,10 +119,17 @@ def test_a_server_that_never_gets_ready_fails_the_run_and_the_others_stay_up(
     # The other profile of that host and the other host converged and serve.
     assert failed.hosts["rig2"].errors == 0 and not failed.hosts["rig2"].failed
     assert served_ids(rig1, 8082) == ["b"] and served_ids(rig2, 8081) == ["c"]
-    # The failed check recorded nothing: the next run tries (and fails) again.
+    # Never proven, so nothing to roll back to: left stopped and disabled, not looping.
+    assert "no earlier proven unit to go back to: left stopped" in failed.stderr
+    assert (service(rig1, A)["ActiveState"], service(rig1, A)["UnitFileState"]) == (
+        "inactive", "disabled")
+    # The failure is recorded: the next run says so again without starting it again.
+    tries = starts(rig1, A)
     again = pyinfra_run(inventory, env=env, expect_ok=False)
     assert again.hosts["rig1"].failed and not again.hosts["rig2"].failed
-    assert f"--- last 40 lines of journalctl -u {A} ---" in again.stderr
+    assert f"{A}: these inputs already failed their proof (health failed: /health did not " \
+        "answer 200 within 4 s" in again.stderr
+    assert starts(rig1, A) == tries and again.changes() == {}
 
     # Disabling the profile stops and removes its service; the healthy one is not restarted.
     b_before = service(rig1, B)
