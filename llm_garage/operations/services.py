@@ -99,10 +99,19 @@ def _install(host, source: str, unit_file: str) -> bool:
     return ok
 
 
-def _prove(host, plan: ServicePlan) -> bool:
+def _prove(host, plan: ServicePlan, rollback: bool = False) -> bool:
     """Restart the unit and prove it, with the check's output shown live: a big model loads
-    for minutes, and the journal tail it prints on failure is what the user needs to see."""
-    ok, _ = _shell(host, '"$@"', *plan.check, "--restart", print_output=True)
+    for minutes, and the journal tail it prints on failure is what the user needs to see.
+
+    The proof of a rolled-back unit leaves out what only the new unit promised (its pinned
+    commit and its context size); the rest is asked of it again."""
+    check = list(plan.check)
+    if rollback:
+        for option in ("--commit", "--ctx-size"):
+            if option in check:
+                at = check.index(option)
+                del check[at:at + 2]
+    ok, _ = _shell(host, '"$@"', *check, "--restart", print_output=True)
     return bool(ok)
 
 
@@ -144,7 +153,7 @@ def _prove_or_roll_back(state, host, plan: ServicePlan, digest: str, keep_runnin
                      "left stopped")
         return False
     logger.warning(f"{prefix}{plan.service}: {why}; rolling back to the last proven unit")
-    if _install(host, plan.proven_unit, plan.unit_file) and _prove(host, plan):
+    if _install(host, plan.proven_unit, plan.unit_file) and _prove(host, plan, rollback=True):
         proven = _report(host, plan)
         logger.error(f"{prefix}{plan.service}: NOT PROVEN ({why}); rolled back to "
                      f"{proven.get('build_info') or 'the last proven build'}: serving again")
