@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -34,17 +35,32 @@ def _default(f) -> str:
     return "`" + json.dumps(value) + "`"
 
 
+def _cell(text: str) -> str:
+    """A table cell: a bare `|` would end the cell (even inside backticks), so escape it."""
+    return text.replace("|", "\\|")
+
+
+def names_flag(text: str, flag: str) -> bool:
+    """Whether `text` names the command-line flag `flag` as a word of its own."""
+    return re.search(r"(?<![\w-])" + re.escape(flag) + r"(?![\w-])", text) is not None
+
+
+def _meaning(f) -> str:
+    meaning = f.metadata["doc"]
+    flag = f.metadata.get("flag")
+    if flag and not names_flag(meaning, flag):
+        meaning += f" (`{flag}`)"
+    return meaning
+
+
 def settings_reference() -> str:
     out = []
     for cls, title, intro in SECTIONS:
         out += [f"### {title}", "", intro, "", "| setting | type | default | meaning |",
                 "|---|---|---|---|"]
         for f in fields_of(cls):
-            meaning = f.metadata["doc"]
-            if f.metadata.get("flag"):
-                meaning += f" — `{f.metadata['flag']}`"
-            meaning = meaning.replace("|", "\\|")
-            out.append(f"| `{f.name}` | {f.metadata['type']} | {_default(f)} | {meaning} |")
+            row = [f"`{f.name}`", f.metadata["type"], _default(f), _meaning(f)]
+            out.append("| " + " | ".join(_cell(c) for c in row) + " |")
         out.append("")
     return "\n".join(out).rstrip() + "\n"
 

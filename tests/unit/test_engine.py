@@ -10,7 +10,6 @@ import subprocess
 
 import pytest
 from pyinfra.api import FunctionCommand, StringCommand
-from pyinfra.context import ctx_host
 from pyinfra.facts.hardware import Cpus
 
 from lab.standins.engine_repo import serve_git
@@ -36,6 +35,7 @@ from llm_garage.plans.engines import (
 )
 from llm_garage.plans.engines import plan as plan_builds
 from llm_garage.settings import flags_hash, load_rig
+from tests.unit.ophelper import run_op
 
 SHA_A = "a" * 40
 SHA_B = "0123456789abcdef0123456789abcdef01234567"
@@ -363,27 +363,6 @@ def test_every_engine_problem_is_listed_at_once():
 
 # --- operations ------------------------------------------------------------------------------
 
-class FakeHost:
-    print_prefix = "[rig] "
-
-    def __init__(self, facts):
-        self.facts = facts
-        self.noops: list[str] = []
-
-    def get_fact(self, cls, **kwargs):
-        return copy.deepcopy(self.facts[cls.__name__])
-
-    def noop(self, text):
-        self.noops.append(text)
-
-
-def run_op(op, facts, **kwargs):
-    fake = FakeHost(facts)
-    with ctx_host.use(fake):
-        commands = list(op._inner(**kwargs))
-    return commands, fake.noops
-
-
 def make_plan(**changes) -> BuildPlan:
     flags = {"CMAKE_BUILD_TYPE": "Release", "GGML_CUDA": "ON", "CMAKE_CUDA_ARCHITECTURES": "86"}
     fields = dict(engine="llama", kind="llama.cpp", ref="b8137", commit=SHA_B, remote=REMOTE,
@@ -407,20 +386,20 @@ SCRIPT = "/opt/llm-garage/bin/garage-build"
 
 def test_build_noop_when_stamped():
     plan = make_plan()
-    facts = {"EngineBuilds": builds(plan.key, **{plan.key: plan.stamp})}
-    commands, noops = run_op(ops.build, facts, plan=plan, script=SCRIPT)
-    assert commands == []
-    assert noops == [f"llama 0123456789ab is already built in {plan.build_dir}"]
+    facts = {"engine.EngineBuilds": builds(plan.key, **{plan.key: plan.stamp})}
+    run = run_op(ops.build, facts, plan=plan, script=SCRIPT)
+    assert run.commands == []
+    assert run.noops == [f"llama 0123456789ab is already built in {plan.build_dir}"]
 
 
 @pytest.mark.parametrize("existing", [{}, {"stamp": None}, {"stamp": f"{SHA_A} 0000000000"}])
 def test_build_runs_when_not_stamped_for_this_commit_and_flags(existing):
     plan = make_plan()
     state = builds(None, **({plan.key: existing["stamp"]} if existing else {}))
-    commands, noops = run_op(ops.build, {"EngineBuilds": state}, plan=plan, script=SCRIPT)
-    assert noops == []
-    assert [type(c) for c in commands] == [FunctionCommand, StringCommand, FunctionCommand]
-    argv = shlex.split(commands[1].get_raw_value())
+    run = run_op(ops.build, {"engine.EngineBuilds": state}, plan=plan, script=SCRIPT)
+    assert run.noops == []
+    assert [type(c) for c in run.commands] == [FunctionCommand, StringCommand, FunctionCommand]
+    argv = shlex.split(run.commands[1].get_raw_value())
     assert argv[0] == SCRIPT
     assert argv[argv.index("--build-dir") + 1] == plan.build_dir
     assert argv[argv.index("--stamp") + 1] == f"{SHA_B} {plan.flags_hash}"
@@ -441,12 +420,12 @@ def test_build_command_quotes_odd_values():
 
 def test_switch_noop_and_atomic_switch():
     key = make_plan().key
-    commands, noops = run_op(ops.switch, {"EngineBuilds": builds(key, **{key: "x"})},
-                             builds_dir="/b", key=key)
-    assert commands == [] and noops == [f"/b/current is already {key}"]
-    commands, noops = run_op(ops.switch, {"EngineBuilds": builds("old", **{key: "x"})},
-                             builds_dir="/b", key=key)
-    text = commands[0].get_raw_value()
+    run = run_op(ops.switch, {"engine.EngineBuilds": builds(key, **{key: "x"})},
+                 builds_dir="/b", key=key)
+    assert run.commands == [] and run.noops == [f"/b/current is already {key}"]
+    run = run_op(ops.switch, {"engine.EngineBuilds": builds("old", **{key: "x"})},
+                 builds_dir="/b", key=key)
+    text = run.commands[0].get_raw_value()
     assert f"test -f /b/{key}/stamp ||" in text
     assert f"ln -sfn {key} /b/.current.tmp && mv -fT /b/.current.tmp /b/current" in text
 
@@ -464,23 +443,24 @@ def test_builds_to_prune_keeps_current_wanted_and_most_recent():
 
 
 def test_prune_commands_and_noop():
-    commands, noops = run_op(ops.prune, {"EngineBuilds": builds("k1", k1="s", k2="s")},
-                             builds_dir="/b", keep=3, wanted="k1")
-    assert commands == [] and noops == ["2 build(s) in /b, keeping up to 3"]
+    run = run_op(ops.prune, {"engine.EngineBuilds": builds("k1", k1="s", k2="s")},
+                 builds_dir="/b", keep=3, wanted="k1")
+    assert run.commands == [] and run.noops == ["2 build(s) in /b, keeping up to 3"]
     state = builds("k1", k1="s", k2="s", k3=None)
-    commands, _ = run_op(ops.prune, {"EngineBuilds": state}, builds_dir="/b", keep=1,
-                         wanted="k1")
-    assert [c.get_raw_value() for c in commands] == ["rm -rf /b/k2", "rm -rf /b/k3"]
+    run = run_op(ops.prune, {"engine.EngineBuilds": state}, builds_dir="/b", keep=1,
+                 wanted="k1")
+    assert run.raw == ["rm -rf /b/k2", "rm -rf /b/k3"]
 
 
 def test_record_pin():
     path = "/opt/llm-garage/state/engine-pins"
-    commands, noops = run_op(ops.record_pin, {"PinRecords": {(REMOTE, "b8137"): SHA_B}},
-                             path=path, remote=REMOTE, tag="b8137", commit=SHA_B)
-    assert commands == [] and noops == [f"tag b8137 of {REMOTE} is recorded as 0123456789ab"]
-    commands, _ = run_op(ops.record_pin, {"PinRecords": {}}, path=path, remote=REMOTE,
-                         tag="b8137", commit=SHA_B)
-    assert shlex.split(commands[0].get_raw_value()) == [
+    run = run_op(ops.record_pin, {"engine.PinRecords": {(REMOTE, "b8137"): SHA_B}},
+                 path=path, remote=REMOTE, tag="b8137", commit=SHA_B)
+    assert run.commands == []
+    assert run.noops == [f"tag b8137 of {REMOTE} is recorded as 0123456789ab"]
+    run = run_op(ops.record_pin, {"engine.PinRecords": {}}, path=path, remote=REMOTE,
+                 tag="b8137", commit=SHA_B)
+    assert shlex.split(run.commands[0].get_raw_value()) == [
         "printf", "%s\\n", f"b8137\t{SHA_B}\t{REMOTE}", ">>", path]
     assert rig_for({"ref": "b8137"}).layout.engine_pins == path
 

@@ -8,12 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from pyinfra.api import StringCommand
-from pyinfra.context import ctx_host
 
 from llm_garage.facts.gpu import GPU_TABLE_COMMAND, Gpu, GpuTable, parse_gpu_table
 from llm_garage.operations import gpu as gpu_ops
 from llm_garage.operations.gpu import GpuError, PowerChange, plan_power
+from tests.unit.ophelper import on_host, run_op
 
 FAKE_SMI = Path(__file__).resolve().parents[2] / "lab" / "standins" / "gpu" / "nvidia-smi"
 
@@ -122,64 +121,35 @@ def test_missing_nvidia_smi():
 
 # --- the operation -------------------------------------------------------------------------
 
-class FakeState:
-    is_executing = False
-
-
-class FakeHost:
-    name = "garage"
-    state = FakeState()
-
-    def __init__(self, table):
-        self.table = table
-        self.noops: list[str] = []
-        self.logs: list[str] = []
-
-    def get_fact(self, cls, **kwargs):
-        assert cls is GpuTable
-        return self.table
-
-    def noop(self, text):
-        self.noops.append(text)
-
-    def log(self, text, *args):
-        self.logs.append(text)
-
-
-def run_op(table, **kwargs):
-    fake = FakeHost(table)
-    with ctx_host.use(fake):
-        commands = list(gpu_ops.power_settings._inner(**kwargs))
-    return [c.get_raw_value() for c in commands if isinstance(c, StringCommand)], fake
+def power(table, executing=False, **kwargs):
+    return run_op(gpu_ops.power_settings, {"gpu.GpuTable": table}, host_name="garage",
+                  executing=executing, **kwargs)
 
 
 def test_operation_sets_what_drifted_and_reports_it():
     table = [gpu(0, persistence=False), gpu(1, limit=280.0, persistence=False)]
-    commands, fake = run_op(table, gpu_count=2, limits=[350.0, 350.0], persistence=True,
-                            nvidia_smi="/usr/bin/nvidia-smi")
-    assert commands == ["/usr/bin/nvidia-smi -pm 1", "/usr/bin/nvidia-smi -i 1 -pl 350"]
-    assert fake.logs == ["drift: persistence mode off on GPU 0, 1, turning on",
-                         "drift: GPU 1 power limit 280 W, setting 350 W"]
+    run = power(table, gpu_count=2, limits=[350.0, 350.0], persistence=True,
+                nvidia_smi="/usr/bin/nvidia-smi")
+    assert run.raw == ["/usr/bin/nvidia-smi -pm 1", "/usr/bin/nvidia-smi -i 1 -pl 350"]
+    assert run.logs == ["drift: persistence mode off on GPU 0, 1, turning on",
+                        "drift: GPU 1 power limit 280 W, setting 350 W"]
 
 
 def test_operation_noop():
-    commands, fake = run_op([gpu(0)], gpu_count=1, limits=[350.0])
-    assert commands == []
-    assert fake.noops == ["GPU persistence mode and power limits already as configured"]
+    run = power([gpu(0)], gpu_count=1, limits=[350.0])
+    assert run.commands == []
+    assert run.noops == ["GPU persistence mode and power limits already as configured"]
 
 
 def test_operation_refuses_before_yielding_anything():
-    fake = FakeHost([gpu(0), gpu(1)])
-    with ctx_host.use(fake), pytest.raises(GpuError):
+    with on_host({"gpu.GpuTable": [gpu(0), gpu(1)]}, host_name="garage"), \
+            pytest.raises(GpuError):
         next(gpu_ops.power_settings._inner(gpu_count=2, limits=[350.0, 351.0]))
 
 
 def test_operation_fails_the_host_instead_of_raising_while_running():
     """Settings checked at prepare time can meet other GPUs when the operation runs."""
-    fake = FakeHost([gpu(0)])
-    fake.state = type("Executing", (), {"is_executing": True})()
-    with ctx_host.use(fake):
-        commands = list(gpu_ops.power_settings._inner(gpu_count=2, limits=[350.0, 350.0]))
-    assert [c.get_raw_value() for c in commands] == [
+    run = power([gpu(0)], executing=True, gpu_count=2, limits=[350.0, 350.0])
+    assert run.raw == [
         "echo 'host '\"'\"'garage'\"'\"': gpu_count is 2 but nvidia-smi lists 1 GPU(s) "
         "(0: RTX 3090); set gpu_count to what the rig has' >&2; exit 1"]

@@ -7,12 +7,10 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 from pyinfra.api import FunctionCommand, StringCommand
 from pyinfra.api.exceptions import OperationError
-from pyinfra.context import ctx_host
 
 from llm_garage.facts.models import (
     FileState,
@@ -22,6 +20,7 @@ from llm_garage.facts.models import (
     stamp_line,
 )
 from llm_garage.operations import models as ops
+from tests.unit.ophelper import run_op
 
 FETCH = Path(__file__).resolve().parents[2] / "llm_garage" / "files" / "garage-fetch"
 SHA_A = hashlib.sha256(b"a" * 100).hexdigest()
@@ -87,28 +86,13 @@ FILES = [
 MTIME = "1700000000.000000001"
 
 
-class FakeHost:
-    name = "rig1"
+def run_files(state: FolderState, executing=False, **kwargs):
+    def model_files(path, names):
+        assert names == [f["name"] for f in FILES]
+        return state
 
-    def __init__(self, state: FolderState, executing: bool = False):
-        self.fact = state
-        self.noops: list[str] = []
-        self.state = SimpleNamespace(is_executing=executing)
-
-    def get_fact(self, cls, **kwargs):
-        assert cls is ModelFiles and kwargs["names"] == [f["name"] for f in FILES]
-        return self.fact
-
-    def noop(self, text):
-        self.noops.append(text)
-
-
-def run_op(state: FolderState, executing=False, **kwargs):
-    fake = FakeHost(state, executing)
-    with ctx_host.use(fake):
-        commands = list(ops.model_files._inner(path="/srv/models/m", files=FILES,
-                                               fetcher="/opt/g/bin/garage-fetch", **kwargs))
-    return commands, fake.noops
+    return run_op(ops.model_files, {"models.ModelFiles": model_files}, executing=executing,
+                  path="/srv/models/m", files=FILES, fetcher="/opt/g/bin/garage-fetch", **kwargs)
 
 
 def in_place(i, stamped=True, size=None):
@@ -126,28 +110,27 @@ def fetch_args(command) -> str:
 def test_model_files_converged_is_a_noop_in_both_steps():
     state = FolderState(True, True, 10**9, {0: in_place(0), 1: in_place(1)})
     for check_only in (True, False):
-        commands, noops = run_op(state, check_only=check_only)
-        assert commands == [] and len(noops) == 1
-    assert "match their stamps" in run_op(state, check_only=True)[1][0]
+        run = run_files(state, check_only=check_only)
+        assert run.commands == [] and len(run.noops) == 1
+    assert "match their stamps" in run_files(state, check_only=True).noop_description
 
 
 def test_model_files_check_step_hashes_only_unstamped_files_and_sends_no_token(monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "hf_secret")
     state = FolderState(True, True, 10**9, {0: in_place(0), 1: in_place(1, stamped=False)})
-    commands, _ = run_op(state, check_only=True)
-    [command] = commands
+    [command] = run_files(state, check_only=True).commands
     args = fetch_args(command)
     assert "--verify-only" in args and "m-00002-of-00002.gguf" in args
     assert "m-00001" not in args and "token" not in args and "hf_secret" not in args
     assert command.args[1] is False  # no token on stdin
-    commands, _ = run_op(state, check_only=True, verify=True)
+    commands = run_files(state, check_only=True, verify=True).commands
     assert "m-00001" in fetch_args(commands[0])  # verify: every file in place
 
 
 def test_model_files_download_step_creates_the_folder_and_fetches_the_rest(monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "hf_secret")
-    commands, _ = run_op(FolderState(False, False, 10**9, {}), auth_origin="http://h")
-    mkdir, fetch = commands
+    mkdir, fetch = run_files(FolderState(False, False, 10**9, {}),
+                             auth_origin="http://h").commands
     assert isinstance(mkdir, StringCommand)
     assert "install -d -m 755 -o root -g root /srv/models/m /srv/models/m/.garage" in str(
         mkdir.get_raw_value())
@@ -158,31 +141,30 @@ def test_model_files_download_step_creates_the_folder_and_fetches_the_rest(monke
     assert fetch.args[1] is True and "300 B to download" in fetch.args[2]
     # the verify flag belongs to the check step; downloads ignore it
     state = FolderState(True, True, 10**9, {0: in_place(0), 1: FileState(partial=50)})
-    commands, _ = run_op(state, verify=True)
-    [fetch] = commands
+    [fetch] = run_files(state, verify=True).commands
     assert "m-00001" not in fetch_args(fetch) and "150 B to download" in fetch.args[2]
 
 
 def test_model_files_without_a_token_sends_none(monkeypatch, tmp_path):
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path))
-    commands, _ = run_op(FolderState(True, True, 10**9, {}), auth_origin="http://h")
+    commands = run_files(FolderState(True, True, 10**9, {}), auth_origin="http://h").commands
     assert "--token-stdin" not in fetch_args(commands[0]) and commands[0].args[1] is False
 
 
 def test_model_files_refuses_to_start_without_the_disk_space():
     state = FolderState(True, True, 150, {0: in_place(0), 1: FileState(partial=50)})
-    assert run_op(state)[0]  # 150 B missing, 150 B free: enough
+    assert run_files(state).commands  # 150 B missing, 150 B free: enough
     state = FolderState(True, True, 100, {0: in_place(0), 1: FileState(partial=50)})
     with pytest.raises(OperationError) as e:
-        run_op(state)
+        run_files(state)
     assert "not enough disk space for /srv/models/m: 150 B still to download, 100 B free" in str(
         e.value)
     # at execute time garage-fetch checks again itself
-    assert run_op(state, executing=True)[0]
+    assert run_files(state, executing=True).commands
 
 
 def test_model_files_wrong_file_is_fetched_and_its_space_counts_as_free():
     state = FolderState(True, True, 150, {0: in_place(0), 1: in_place(1, size=999)})
-    [fetch] = run_op(state)[0]
+    [fetch] = run_files(state).commands
     assert "m-00002" in fetch_args(fetch)

@@ -8,13 +8,13 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from pyinfra.api import FileUploadCommand, StringCommand
-from pyinfra.context import ctx_host
+from pyinfra.api import FileUploadCommand
 
 from lab.opencode_cli import opencode_models
 from llm_garage import opencode
 from llm_garage.operations import opencode as opencode_ops
 from llm_garage.settings import load_rig
+from tests.unit.ophelper import run_op
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -166,35 +166,9 @@ def test_loads_accepts_what_opencode_accepts():
 
 # --- the operation -------------------------------------------------------------------------
 
-class FakeState:
-    is_executing = False
-
-
-class FakeHost:
-    name = "epyc"
-    state = FakeState()
-    current_op_global_arguments: dict = {}
-
-    def __init__(self, fact):
-        self.fact = fact
-        self.noops: list[str] = []
-        self.logs: list[str] = []
-
-    def get_fact(self, cls, **kwargs):
-        return self.fact
-
-    def noop(self, text):
-        self.noops.append(text)
-
-    def log(self, text, *args):
-        self.logs.append(text)
-
-
-def run_op(fact, **kwargs):
-    fake = FakeHost(fact)
-    with ctx_host.use(fake):
-        commands = list(opencode_ops.config_merged._inner(**kwargs))
-    return commands, fake
+def run_merge(fact, **kwargs):
+    return run_op(opencode_ops.config_merged, {"opencode.ConfigFile": fact}, host_name="epyc",
+                  **kwargs)
 
 
 PROVIDERS = {"llm-garage-r-8000": {"npm": "@ai-sdk/openai-compatible",
@@ -205,10 +179,10 @@ PROVIDERS = {"llm-garage-r-8000": {"npm": "@ai-sdk/openai-compatible",
 def test_op_writes_through_a_temporary_file_after_a_backup():
     fact = {"real": "/home/u/dots/opencode.json", "mode": "640",
             "text": json.dumps({"theme": "x"})}
-    commands, _ = run_op(fact, path="/home/u/.config/opencode/opencode.json",
-                         providers=PROVIDERS, prefix="llm-garage", owner="u")
-    strings = [c.get_raw_value() for c in commands if isinstance(c, StringCommand)]
-    upload = next(c for c in commands if isinstance(c, FileUploadCommand))
+    run = run_merge(fact, path="/home/u/.config/opencode/opencode.json",
+                    providers=PROVIDERS, prefix="llm-garage", owner="u")
+    strings = [c for c in run.raw if isinstance(c, str)]
+    upload = next(c for c in run.commands if isinstance(c, FileUploadCommand))
     assert upload.dest == "/home/u/dots/opencode.json.llm-garage.tmp"
     assert json.loads(upload.src.getvalue()) == {"theme": "x", "provider": PROVIDERS}
     assert strings[1].endswith(" - /home/u/dots/opencode.json "
@@ -221,23 +195,23 @@ def test_op_writes_through_a_temporary_file_after_a_backup():
 
 def test_op_noop_when_merged_already():
     text = opencode.dumps(opencode.merge({"theme": "x"}, PROVIDERS, "llm-garage"))
-    commands, fake = run_op({"real": "/r/o.json", "mode": "644", "text": text}, path="/r/o.json",
-                            providers=PROVIDERS, prefix="llm-garage", owner="root")
-    assert commands == [] and fake.noops == ["/r/o.json already lists our providers"]
+    run = run_merge({"real": "/r/o.json", "mode": "644", "text": text}, path="/r/o.json",
+                    providers=PROVIDERS, prefix="llm-garage", owner="root")
+    assert run.commands == [] and run.noops == ["/r/o.json already lists our providers"]
 
 
 def test_op_new_file_has_no_backup_and_default_mode():
-    commands, _ = run_op({"real": "/r/o.json", "mode": None, "text": None}, path="/r/o.json",
-                         providers=PROVIDERS, prefix="llm-garage", owner="root")
-    strings = [c.get_raw_value() for c in commands if isinstance(c, StringCommand)]
+    run = run_merge({"real": "/r/o.json", "mode": None, "text": None}, path="/r/o.json",
+                    providers=PROVIDERS, prefix="llm-garage", owner="root")
+    strings = [c for c in run.raw if isinstance(c, str)]
     assert not any(".llm-garage.orig" in s for s in strings)
     assert "chmod 644 /r/o.json.llm-garage.tmp" in strings
 
 
 def test_op_refuses_a_broken_file_without_touching_it():
-    commands, _ = run_op({"real": "/r/o.json", "mode": "644", "text": "{oops"},
+    commands = run_merge({"real": "/r/o.json", "mode": "644", "text": "{oops"},
                          path="/r/o.json", providers=PROVIDERS, prefix="llm-garage",
-                         owner="root")
+                         owner="root").commands
     assert len(commands) == 1
     assert commands[0].get_raw_value().startswith("echo '/r/o.json: not valid JSON")
     assert commands[0].get_raw_value().endswith("exit 1")
@@ -248,8 +222,8 @@ def test_op_merge_script_runs(tmp_path):
     atomic rename, content as merged."""
     owner = subprocess.run(["id", "-un"], capture_output=True, text=True).stdout.strip()
     target = tmp_path / "a" / "b" / "opencode.json"
-    commands, _ = run_op({"real": str(target), "mode": None, "text": None}, path=str(target),
-                         providers=PROVIDERS, prefix="llm-garage", owner=owner)
+    commands = run_merge({"real": str(target), "mode": None, "text": None}, path=str(target),
+                         providers=PROVIDERS, prefix="llm-garage", owner=owner).commands
     for command in commands:
         if isinstance(command, FileUploadCommand):
             Path(command.dest).write_text(command.src.getvalue())

@@ -6,11 +6,11 @@ import dataclasses
 
 import pytest
 from pyinfra.api import FunctionCommand, StringCommand
-from pyinfra.context import ctx_host
 
 from llm_garage.operations import services as ops
 from llm_garage.plans.services import ServicePlan, check_command, expects_gpu, uses_jinja
 from llm_garage.settings import load_rig
+from tests.unit.ophelper import OpHost, run_op
 
 PLAN = ServicePlan(
     profile="p", engine="llama", model="m", service="llama-server-p.service",
@@ -42,33 +42,13 @@ class Meta:
         return self._did
 
 
-class FakeState:
-    def __init__(self, executing):
-        self.is_executing = executing
+class ShellHost(OpHost):
+    """A host whose shell commands (run by the proof step) answer `results` in order."""
 
-
-class FakeHost:
-    """The host an operation sees; `results` answer its shell commands in order."""
-
-    print_prefix = "[rig] "
-
-    def __init__(self, facts, executing=False, results=()):
-        self.facts = facts
-        self.state = FakeState(executing)
-        self.current_op_global_arguments = {}
-        self.noops: list[str] = []
-        self.logs: list[str] = []
+    def __init__(self, results):
+        super().__init__({}, "rig", True, None)
         self.ran: list[str] = []
         self.results = list(results)
-
-    def get_fact(self, cls, **kwargs):
-        return self.facts[cls.__name__]
-
-    def noop(self, text):
-        self.noops.append(text)
-
-    def log(self, text, *args):
-        self.logs.append(text)
 
     def run_shell_command(self, command, print_output=False, **kwargs):
         self.ran.append(command.get_raw_value())
@@ -86,10 +66,9 @@ class Output:
 
 
 def served(state=None, plan=PLAN, executing=False, changed=()):
-    fake = FakeHost({"ServiceState": {**CONVERGED, **(state or {})}}, executing)
-    with ctx_host.use(fake):
-        commands = list(ops.served._inner(plan=plan, changed=list(changed)))
-    return commands, fake
+    run = run_op(ops.served, {"services.ServiceState": {**CONVERGED, **(state or {})}},
+                 executing=executing, plan=plan, changed=list(changed))
+    return run.commands, run
 
 
 def test_converged_service_is_left_alone():
@@ -140,7 +119,7 @@ def test_other_failed_inputs_do_not_block_a_new_change():
 
 
 def prove_or_roll_back(results, keep_running=False):
-    fake = FakeHost({}, executing=True, results=results)
+    fake = ShellHost(results)
     ok = ops._prove_or_roll_back(None, fake, PLAN, "echo d", keep_running)
     return ok, fake.ran
 

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 from pyinfra.api import FileUploadCommand, StringCommand
-from pyinfra.context import ctx_host
 
 from llm_garage import units
 from llm_garage.facts.services import (
@@ -25,6 +24,7 @@ from llm_garage.facts.services import (
 from llm_garage.operations import services as ops
 from llm_garage.plans.services import check_command, local_url
 from llm_garage.settings import load_rig
+from tests.unit.ophelper import run_op
 
 CHECK_SCRIPT = Path(__file__).resolve().parents[2] / "llm_garage" / "files" / "garage-server-check"
 
@@ -131,46 +131,6 @@ def test_unit_presence_fact(tmp_path):
 
 # --- operations with facts given -----------------------------------------------------------
 
-class FakeState:
-    def __init__(self, executing=False):
-        self.is_executing = executing
-
-
-class FakeHost:
-    name = "rig1"
-
-    def __init__(self, facts, executing=False, global_args=None):
-        self.facts = facts
-        self.state = FakeState(executing)
-        self.current_op_global_arguments = global_args or {}
-        self.noops: list[str] = []
-        self.logs: list[str] = []
-
-    def get_fact(self, cls, **kwargs):
-        value = self.facts[cls.__name__]
-        return value(**kwargs) if callable(value) else value
-
-    def noop(self, text):
-        self.noops.append(text)
-
-    def log(self, text, *args):
-        self.logs.append(text)
-
-    def get_temp_filename(self, key):
-        return "/tmp/pyinfra-" + hashlib.sha1(key.encode()).hexdigest()
-
-
-def run_op(op, facts, executing=False, global_args=None, **kwargs):
-    fake = FakeHost(facts, executing, global_args)
-    with ctx_host.use(fake):
-        commands = list(op._inner(**kwargs))
-    return commands, fake
-
-
-def raw(commands):
-    return [c.get_raw_value() if isinstance(c, StringCommand) else c for c in commands]
-
-
 class Meta:
     """Stands in for an OperationMeta of an earlier operation."""
 
@@ -189,28 +149,28 @@ class Meta:
 
 def test_secret_file_unchanged_is_a_noop():
     content = "k3y\n"
-    facts = {"Sha256File": hashlib.sha256(content.encode()).hexdigest()}
-    commands, fake = run_op(ops.secret_file, facts, path="/etc/llm-garage/a.key",
-                            content=content)
-    assert commands == [] and fake.noops == ["/etc/llm-garage/a.key is up to date"]
+    facts = {"files.Sha256File": hashlib.sha256(content.encode()).hexdigest()}
+    run = run_op(ops.secret_file, facts, path="/etc/llm-garage/a.key",
+                 content=content)
+    assert run.commands == [] and run.noops == ["/etc/llm-garage/a.key is up to date"]
 
 
 def test_secret_file_is_private_before_it_holds_anything():
-    commands, _ = run_op(ops.secret_file, {"Sha256File": None}, path="/etc/llm-garage/a.key",
-                         content="k3y\n")
-    mkdir, create, upload = commands
-    assert raw([mkdir]) == ["install -d -m 700 -o root -g root /etc/llm-garage"]
+    run = run_op(ops.secret_file, {"files.Sha256File": None}, path="/etc/llm-garage/a.key",
+                 content="k3y\n")
+    mkdir, create, upload = run.commands
+    assert [mkdir.get_raw_value()] == ["install -d -m 700 -o root -g root /etc/llm-garage"]
     assert "umask 077" in create.get_raw_value() and "chmod 600" in create.get_raw_value()
     assert isinstance(upload, FileUploadCommand) and upload.dest == "/etc/llm-garage/a.key"
     assert upload.remote_temp_filename is None
     assert upload.src.getvalue() == "k3y\n"
-    assert not any("k3y" in c.get_raw_value() for c in commands if isinstance(c, StringCommand))
+    assert not any("k3y" in c.get_raw_value() for c in run.commands if isinstance(c, StringCommand))
 
 
 def test_secret_file_with_sudo_prepares_a_private_temporary_file():
-    commands, _ = run_op(ops.secret_file, {"Sha256File": "0" * 64}, global_args={"_sudo": True},
-                         path="/etc/llm-garage/a.key", content="k3y\n")
-    temp_cmd, upload = commands[-2:]
+    run = run_op(ops.secret_file, {"files.Sha256File": "0" * 64}, global_args={"_sudo": True},
+                 path="/etc/llm-garage/a.key", content="k3y\n")
+    temp_cmd, upload = run.commands[-2:]
     assert upload.remote_temp_filename and upload.remote_temp_filename.startswith("/tmp/")
     assert temp_cmd.get_raw_value().endswith(upload.remote_temp_filename)
     assert temp_cmd.connector_arguments["_sudo"] is False
@@ -218,13 +178,13 @@ def test_secret_file_with_sudo_prepares_a_private_temporary_file():
 
 def test_unit_absent():
     paths = ["/etc/systemd/system/x.service", "/etc/llm-garage/x.key"]
-    facts = {"UnitPresence": {"active": True, "enabled": True, "present": paths[:1]}}
-    commands, _ = run_op(ops.unit_absent, facts, service="x.service", paths=paths)
-    assert raw(commands) == ["systemctl disable --now -- x.service",
-                             "rm -f -- /etc/systemd/system/x.service"]
-    facts = {"UnitPresence": {"active": False, "enabled": False, "present": []}}
-    commands, fake = run_op(ops.unit_absent, facts, service="x.service", paths=paths)
-    assert commands == [] and fake.noops == ["x.service is absent"]
+    facts = {"services.UnitPresence": {"active": True, "enabled": True, "present": paths[:1]}}
+    run = run_op(ops.unit_absent, facts, service="x.service", paths=paths)
+    assert run.raw == ["systemctl disable --now -- x.service",
+                       "rm -f -- /etc/systemd/system/x.service"]
+    facts = {"services.UnitPresence": {"active": False, "enabled": False, "present": []}}
+    run = run_op(ops.unit_absent, facts, service="x.service", paths=paths)
+    assert run.commands == [] and run.noops == ["x.service is absent"]
 
 
 def test_stale_units_removed_keeps_enabled_and_removes_disabled_and_gone():
@@ -232,13 +192,13 @@ def test_stale_units_removed_keeps_enabled_and_removes_disabled_and_gone():
         return {"active": service != "llama-server-off.service", "enabled": False,
                 "present": list(paths)}
 
-    facts = {"GarageUnits": ["llama-server-gone.service", "llama-server-on.service"],
-             "UnitPresence": presence}
-    commands, _ = run_op(ops.stale_units_removed, facts, keep=["llama-server-on.service"],
-                         also=["llama-server-off.service"], unit_dir="/u",
-                         pattern="llama-server-*.service", marker="#",
-                         companions={"/s": ".key"})
-    assert raw(commands) == [
+    facts = {"services.GarageUnits": ["llama-server-gone.service", "llama-server-on.service"],
+             "services.UnitPresence": presence}
+    run = run_op(ops.stale_units_removed, facts, keep=["llama-server-on.service"],
+                 also=["llama-server-off.service"], unit_dir="/u",
+                 pattern="llama-server-*.service", marker="#",
+                 companions={"/s": ".key"})
+    assert run.raw == [
         "systemctl disable --now -- llama-server-gone.service",
         "rm -f -- /u/llama-server-gone.service /s/llama-server-gone.key",
         "rm -f -- /u/llama-server-off.service /s/llama-server-off.key",
@@ -247,14 +207,14 @@ def test_stale_units_removed_keeps_enabled_and_removes_disabled_and_gone():
 
 def test_all_proven_names_the_failed_services():
     checks = {"a.service": Meta(), "b.service": Meta(error=True)}
-    commands, fake = run_op(ops.all_proven, {}, checks=checks)
-    assert commands == [] and fake.noops
-    commands, _ = run_op(ops.all_proven, {}, executing=True, checks=checks)
-    assert raw(commands) == [
+    run = run_op(ops.all_proven, {}, checks=checks)
+    assert run.commands == [] and run.noops
+    run = run_op(ops.all_proven, {}, executing=True, checks=checks)
+    assert run.raw == [
         "echo 'llama-server service(s) failed to start or to answer: b.service (their journal "
         "is printed above)' >&2; exit 1"]
-    commands, _ = run_op(ops.all_proven, {}, executing=True, checks={"a.service": Meta()})
-    assert commands == []
+    run = run_op(ops.all_proven, {}, executing=True, checks={"a.service": Meta()})
+    assert run.commands == []
 
 
 # --- task helpers --------------------------------------------------------------------------
@@ -414,9 +374,9 @@ def test_facts_without_output_have_usable_defaults():
 
 
 def test_secret_file_absent():
-    commands, _ = run_op(ops.secret_file, {"Sha256File": "0" * 64}, path="/etc/llm-garage/a.key",
-                         content=None)
-    assert raw(commands) == ["rm -f -- /etc/llm-garage/a.key"]
-    commands, fake = run_op(ops.secret_file, {"Sha256File": None}, path="/etc/llm-garage/a.key",
-                            content=None)
-    assert commands == [] and fake.noops == ["no /etc/llm-garage/a.key"]
+    run = run_op(ops.secret_file, {"files.Sha256File": "0" * 64}, path="/etc/llm-garage/a.key",
+                 content=None)
+    assert run.raw == ["rm -f -- /etc/llm-garage/a.key"]
+    run = run_op(ops.secret_file, {"files.Sha256File": None}, path="/etc/llm-garage/a.key",
+                 content=None)
+    assert run.commands == [] and run.noops == ["no /etc/llm-garage/a.key"]
