@@ -79,7 +79,7 @@ def tool_turns(rig) -> tuple[tuple[int, dict], tuple[int, dict]]:
     messages = [{"role": "user", "content": "Put the garage in mode 1."}]
     first = post(rig, "/v1/chat/completions", {
         "model": "qwen-tiny", "messages": messages, "tools": [TOOL], "tool_choice": "required",
-        "max_tokens": 64, "chat_template_kwargs": NO_THINKING})
+        "max_tokens": 200, "chat_template_kwargs": NO_THINKING})
     status, body = first
     if status != 200 or not body["choices"][0]["message"].get("tool_calls"):
         return first, (0, {})
@@ -102,7 +102,9 @@ def test_real_llama_cpp_serves_a_two_turn_tool_conversation(
 
     version = rig.ssh("/opt/llm-garage/builds/llama/current/bin/llama-server --version 2>&1",
                       check=False).stdout
-    assert f"version: {real.build_number(real.good_tag)} ({real.short(real.good_tag)})" in version
+    # "version: 0.5.0-dev (build 7001, commit 76a3564)": the build number is the commit count
+    assert (f"(build {real.build_number(real.good_tag)}, commit {real.short(real.good_tag)})"
+            in version), version
     (status1, turn1), (status2, turn2) = tool_turns(rig)
     assert status1 == 200, turn1
     choice = turn1["choices"][0]
