@@ -8,6 +8,7 @@ builds llama-server cold, later runs mostly hit the cache."""
 from __future__ import annotations
 
 import json
+import logging
 import urllib.error
 import urllib.request
 
@@ -31,6 +32,8 @@ TOOL = {"type": "function", "function": {
     "parameters": {"type": "object", "properties": {"mode": {"type": "integer", "enum": [1]}},
                    "required": ["mode"]}}}
 NO_THINKING = {"enable_thinking": False}
+
+log = logging.getLogger("garage.tests")
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +103,10 @@ def test_real_llama_cpp_serves_a_two_turn_tool_conversation(
 
     converge(inventory, env=controller_env(tmp_path))
 
+    stamp = rig.ssh("cat /opt/llm-garage/builds/llama/current/stamp").stdout.splitlines()
+    build = dict(line.split("=", 1) for line in stamp[1:] if "=" in line)
+    log.info("llama-server built in %s s, ccache %s hits, %s misses", build["seconds"],
+             build["ccache_hits"], build["ccache_misses"])
     version = rig.ssh("/opt/llm-garage/builds/llama/current/bin/llama-server --version 2>&1",
                       check=False).stdout
     # "version: 0.5.0-dev (build 7001, commit 76a3564)": the build number is the commit count
