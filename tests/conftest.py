@@ -106,13 +106,14 @@ def module_fleet() -> Iterator[lab.rigs.Fleet]:
 
 @pytest.fixture
 def start_rigs(fleet: lab.rigs.Fleet) -> Callable[..., list[lab.rigs.Rig]]:
-    """Starts rigs in `fleet`: ``start_rigs("gpu1", "gpu2")`` or ``start_rigs(3)``."""
+    """Starts rigs in `fleet`: ``start_rigs("gpu1", "gpu2")`` or ``start_rigs(3)``;
+    ``binds=`` as for `Fleet.start`."""
 
-    def start(*names: str | int) -> list[lab.rigs.Rig]:
+    def start(*names: str | int, binds=None) -> list[lab.rigs.Rig]:
         if len(names) == 1 and isinstance(names[0], int):
             first = len(fleet.rigs) + 1
             names = tuple(f"rig{i}" for i in range(first, first + names[0]))
-        return fleet.start([str(name) for name in names])
+        return fleet.start([str(name) for name in names], binds=binds)
 
     return start
 

@@ -18,10 +18,12 @@ on this machine, cleanup after dead owners), `fleet` (`Rig` and `Fleet`), `pyinf
 (running pyinfra and reading its results); ``python -m lab.rigs`` is the CLI (``scripts/rigs``).
 
 Environment: ``GARAGE_RIG_CACHE`` (base rootfs cache, default /var/cache/llm-garage/rigs),
-``GARAGE_RIG_STATE`` (registry and fleet state, default /var/tmp/llm-garage-rigs).
+``GARAGE_RIG_STATE`` (registry and fleet state, default /var/tmp/llm-garage-rigs),
+``GARAGE_RIG_CCACHE`` (host folders bound at rigs' ccache by ``ccache_binds``, default
+/var/cache/llm-garage/rig-ccache).
 """
 
-from lab.rigs.fleet import Fleet, Rig
+from lab.rigs.fleet import Fleet, Rig, ccache_binds
 from lab.rigs.host import RigError, missing_requirements
 from lab.rigs.image import base_path, ensure_base
 from lab.rigs.registry import DEFAULT_STATE_ROOT, cleanup_stale, list_fleets
@@ -32,6 +34,7 @@ __all__ = [
     "Rig",
     "RigError",
     "base_path",
+    "ccache_binds",
     "cleanup_stale",
     "ensure_base",
     "list_fleets",

@@ -14,7 +14,7 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +43,7 @@ from lab.rigs.network import (
     _host_resolv_conf,
 )
 from lab.rigs.registry import _cleanup_entry, _Registry, _state_root, cleanup_stale
+from llm_garage.layout import Layout
 
 log = logging.getLogger("garage.rigs")
 
@@ -68,6 +69,7 @@ class Rig:
     netns: str
     veth: str
     dir: Path
+    binds: tuple[tuple[str, str], ...] = ()
     pid: int | None = None
     _proc: subprocess.Popen | None = field(default=None, repr=False)
 
@@ -185,6 +187,34 @@ class Rig:
             return ""
 
 
+RIG_CCACHE_ENV = "GARAGE_RIG_CCACHE"
+DEFAULT_RIG_CCACHE = Path("/var/cache/llm-garage/rig-ccache")
+
+
+def ccache_binds(key: str, garage_root: str = "/opt/llm-garage") -> dict[Path, str]:
+    """`binds` for `Fleet.start` that give rigs a ccache kept on the host between runs:
+    ``$GARAGE_RIG_CCACHE/<key>`` (default /var/cache/llm-garage/rig-ccache/<key>) at the
+    deploy's ccache folder. Rigs that build the same engine under the same name hit it, since
+    the deploy sets ccache's base_dir to ``garage_root``."""
+    if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", key):
+        raise RigError(f"bad ccache key {key!r}")
+    host = Path(os.environ.get(RIG_CCACHE_ENV) or DEFAULT_RIG_CCACHE) / key
+    return {host: Layout(garage_root=garage_root, models_dir="/srv/models").ccache_dir}
+
+
+def _bind_pairs(binds: Mapping[str | os.PathLike, str]) -> tuple[tuple[str, str], ...]:
+    """(host folder, rig path) pairs for nspawn's --bind, host folders created."""
+    pairs = []
+    for host, inside in binds.items():
+        host = Path(host)
+        for path in (str(host), inside):
+            if not os.path.isabs(path) or ":" in path or "," in path:
+                raise RigError(f"bind paths must be absolute, without ':' or ',': {path!r}")
+        host.mkdir(parents=True, exist_ok=True)
+        pairs.append((str(host.resolve()), inside))
+    return tuple(pairs)
+
+
 class Fleet:
     """A set of rigs on one bridge and /24 subnet; a context manager that tears itself down.
 
@@ -266,9 +296,20 @@ class Fleet:
 
     # -- rigs
 
-    def start(self, names: Sequence[str], timeout: float = BOOT_TIMEOUT) -> list[Rig]:
-        """Creates and boots rigs in parallel; returns them once SSH answers on each."""
-        rigs = [self._new_rig(name) for name in names]
+    def start(
+        self,
+        names: Sequence[str],
+        timeout: float = BOOT_TIMEOUT,
+        binds: Mapping[str | os.PathLike, str] | None = None,
+    ) -> list[Rig]:
+        """Creates and boots rigs in parallel; returns them once SSH answers on each.
+
+        `binds` maps host folders to paths inside every one of these rigs
+        (``systemd-nspawn --bind``, read-write, kept across reboots); a missing host folder
+        is created. What a rig writes there outlives the rig (e.g. a ccache shared by runs).
+        """
+        pairs = _bind_pairs(binds or {})
+        rigs = [self._new_rig(name, pairs) for name in names]
         with _step(f"fleet {self.name}: starting {len(rigs)} rig(s)"):
             with ThreadPoolExecutor(max_workers=min(8, len(rigs) or 1)) as pool:
                 futures = [pool.submit(self._create_and_boot, rig, timeout) for rig in rigs]
@@ -283,7 +324,7 @@ class Fleet:
         except KeyError:
             raise KeyError(f"fleet {self.name!r} has no rig {name!r}") from None
 
-    def _new_rig(self, name: str) -> Rig:
+    def _new_rig(self, name: str, binds: tuple[tuple[str, str], ...] = ()) -> Rig:
         if not _RIG_NAME_RE.match(name):
             raise RigError(f"bad rig name {name!r} (lowercase letters, digits, '-')")
         with self._lock:
@@ -302,6 +343,7 @@ class Fleet:
                 netns=f"grg{self.index}-{name}",
                 veth=f"grg{self.index}v{index}",
                 dir=self.dir / "rigs" / name,
+                binds=binds,
             )
             self.rigs[name] = rig
             self._record(rig)
@@ -393,6 +435,7 @@ class Fleet:
                         rig.machine,
                         f"--hostname={rig.name}",
                         f"--network-namespace-path=/run/netns/{rig.netns}",
+                        *(f"--bind={host}:{inside}" for host, inside in rig.binds),
                     ],
                     stdin=subprocess.DEVNULL,
                     stdout=logfile,

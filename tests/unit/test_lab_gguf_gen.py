@@ -67,3 +67,30 @@ def test_fixture_gguf_padded_model_is_exact_and_fast(tmp_path):
     assert read_metadata(path)["general.architecture"] == "llama"
     with pytest.raises(ValueError):
         write_padded_model(tmp_path / "small.gguf", 1000)
+
+
+def test_fixture_gguf_tool_model_prefers_ending_then_a_tool_call(tmp_path):
+    from gguf import TokenType
+
+    from lab.standins.gguf_gen import QWEN_TOOL_TOKENS, write_tool_model
+
+    path = write_tool_model(tmp_path / "tool.gguf", "{{ messages }}")
+    assert read_metadata(path)["tokenizer.chat_template"] == "{{ messages }}"
+    reader = GGUFReader(path)
+    field = reader.fields["tokenizer.ggml.tokens"]
+    tokens = [bytes(field.parts[i]).decode() for i in field.data]
+    types = reader.fields["tokenizer.ggml.token_type"]
+    kinds = {tokens[n]: int(types.parts[i][0]) for n, i in enumerate(types.data)}
+    assert len(tokens) == 320
+    assert {kinds[t] for t in QWEN_TOOL_TOKENS} == {TokenType.USER_DEFINED}
+    assert kinds["<|im_end|>"] == TokenType.CONTROL
+    tensors = {t.name: t.data for t in reader.tensors}
+    # A hidden state normalised the way the model's is: the constant first component of
+    # every token embedding dominates it.
+    embd = tensors["token_embd.weight"]
+    assert np.all(embd[:, 0] == 1.0)
+    hidden = embd[tokens.index("h")] / np.sqrt(np.mean(embd[tokens.index("h")] ** 2))
+    logits = tensors["output.weight"] @ hidden
+    ranked = [tokens[i] for i in np.argsort(-logits)]
+    assert ranked[:2] == ["<|im_end|>", "<tool_call>"]
+    assert logits[tokens.index("<tool_call>")] - np.sort(logits)[-3] > 15

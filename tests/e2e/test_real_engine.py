@@ -1,0 +1,124 @@
+"""Real llama.cpp on a test rig: upstream's tree (from the llama-cpp-python sdist, tags b7001
+and a bad b7002) served by git daemon, built CPU-only by the deploy, serving a tiny model with
+Qwen3.5's real chat template, which must carry a two-turn tool-call conversation.
+
+The rig's ccache lives on the host (``lab.rigs.ccache_binds``): the first run on a machine
+builds llama-server cold, later runs mostly hit the cache."""
+
+from __future__ import annotations
+
+import json
+import logging
+import urllib.error
+import urllib.request
+
+import pytest
+
+import lab.rigs
+from lab.serving import controller_env
+from lab.standins.engine_repo import GitDaemon
+from lab.standins.hf_server import HFServer
+from lab.standins.real_llama import ensure_real_llama, write_qwen_tool_model
+
+pytestmark = pytest.mark.e2e
+
+MODEL_REPO = "garage/Qwen3.5-Tiny-GGUF"
+MODEL_FILE = "Qwen3.5-Tiny-F32.gguf"
+PORT = 8080
+# One parameter, an integer enum of one value: the tool call grammar leaves the model nothing
+# to choose (a string parameter would be free text up to </parameter>).
+TOOL = {"type": "function", "function": {
+    "name": "set_mode", "description": "Set the garage's mode.",
+    "parameters": {"type": "object", "properties": {"mode": {"type": "integer", "enum": [1]}},
+                   "required": ["mode"]}}}
+NO_THINKING = {"enable_thinking": False}
+
+log = logging.getLogger("garage.tests")
+
+
+@pytest.fixture(scope="module")
+def real():
+    return ensure_real_llama()
+
+
+@pytest.fixture(scope="module")
+def real_git_url(module_fleet, real):
+    with GitDaemon(real.base, bind_ip=module_fleet.host_ip) as daemon:
+        yield daemon.url
+
+
+@pytest.fixture(scope="module")
+def qwen_hub(module_fleet, real, tmp_path_factory):
+    model = write_qwen_tool_model(tmp_path_factory.mktemp("qwen") / MODEL_FILE, real)
+    with HFServer(bind=module_fleet.host_ip) as hub:
+        hub.add_repo(MODEL_REPO, {MODEL_FILE: model})
+        yield hub
+
+
+def rig_data(hub: HFServer, git_url: str, ref: str) -> dict:
+    engine = {"kind": "llama.cpp", "ref": ref, "remote": f"{git_url}/llama.cpp.git",
+              "cuda": False,
+              "cmake_extra": {"LLAMA_USE_PREBUILT_UI": "OFF", "LLAMA_CURL": "OFF"}}
+    profile = {"model": "qwen", "engine": "llama", "port": PORT, "alias": "qwen-tiny",
+               "ctx_size": 4096, "jinja": True, "health_timeout_s": 120}
+    return {"hf_endpoint": hub.url,
+            "models": {"qwen": {"repo": MODEL_REPO, "revision": "main", "files": [MODEL_FILE]}},
+            "engines": {"llama": engine}, "profiles": {"qwen": profile}}
+
+
+def post(rig, path: str, body: dict) -> tuple[int, dict]:
+    request = urllib.request.Request(f"http://{rig.ip}:{PORT}{path}",
+                                     data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read() or b"{}")
+
+
+def tool_turns(rig) -> tuple[tuple[int, dict], tuple[int, dict]]:
+    """Turn 1 must call the tool; turn 2 sends that call and its result back."""
+    messages = [{"role": "user", "content": "Put the garage in mode 1."}]
+    first = post(rig, "/v1/chat/completions", {
+        "model": "qwen-tiny", "messages": messages, "tools": [TOOL], "tool_choice": "required",
+        "max_tokens": 200, "chat_template_kwargs": NO_THINKING})
+    status, body = first
+    if status != 200 or not body["choices"][0]["message"].get("tool_calls"):
+        return first, (0, {})
+    call = body["choices"][0]["message"]["tool_calls"][0]
+    messages += [{"role": "assistant", "content": "", "tool_calls": [call]},
+                 {"role": "tool", "tool_call_id": call.get("id", ""), "content": "mode is 1"}]
+    second = post(rig, "/v1/chat/completions", {
+        "model": "qwen-tiny", "messages": messages, "tools": [TOOL], "max_tokens": 16,
+        "chat_template_kwargs": NO_THINKING})
+    return first, second
+
+
+def test_real_llama_cpp_serves_a_two_turn_tool_conversation(
+        module_fleet, converge, real, real_git_url, qwen_hub, tmp_path):
+    (rig,) = module_fleet.start(["rig1"], binds=lab.rigs.ccache_binds("real-llama.cpp"))
+    inventory = module_fleet.write_inventory(
+        tmp_path / "inventory.py", {"rig1": rig_data(qwen_hub, real_git_url, real.good_tag)})
+
+    converge(inventory, env=controller_env(tmp_path))
+
+    stamp = rig.ssh("cat /opt/llm-garage/builds/llama/current/stamp").stdout.splitlines()
+    build = dict(line.split("=", 1) for line in stamp[1:] if "=" in line)
+    log.info("llama-server built in %s s, ccache %s hits, %s misses", build["seconds"],
+             build["ccache_hits"], build["ccache_misses"])
+    version = rig.ssh("/opt/llm-garage/builds/llama/current/bin/llama-server --version 2>&1",
+                      check=False).stdout
+    # "version: 0.5.0-dev (build 7001, commit 76a3564)": the build number is the commit count
+    assert (f"(build {real.build_number(real.good_tag)}, commit {real.short(real.good_tag)})"
+            in version), version
+    (status1, turn1), (status2, turn2) = tool_turns(rig)
+    assert status1 == 200, turn1
+    choice = turn1["choices"][0]
+    assert choice["finish_reason"] == "tool_calls", turn1
+    (call,) = choice["message"]["tool_calls"]
+    assert call["function"]["name"] == "set_mode"
+    assert isinstance(call["function"]["arguments"], str), call
+    assert json.loads(call["function"]["arguments"]) == {"mode": 1}
+    assert status2 == 200, turn2
+    assert turn2["choices"][0]["message"]["role"] == "assistant"
