@@ -122,3 +122,43 @@ def test_real_llama_cpp_serves_a_two_turn_tool_conversation(
     assert json.loads(call["function"]["arguments"]) == {"mode": 1}
     assert status2 == 200, turn2
     assert turn2["choices"][0]["message"]["role"] == "assistant"
+
+
+def test_real_llama_cpp_tag_that_breaks_tool_history_is_rolled_back(
+        module_fleet, converge, pyinfra_run, real, real_git_url, qwen_hub, tmp_path):
+    """The seed rig's incident, on the real server: the new tag answers a single tool call but
+    500s on a history holding one. The deploy's proof catches it and puts the old build back."""
+    (rig,) = module_fleet.start(["rig2"], binds=lab.rigs.ccache_binds("real-llama.cpp"))
+    env = controller_env(tmp_path)
+    unit = "llama-server-qwen.service"
+
+    def inventory(ref):
+        return module_fleet.write_inventory(
+            tmp_path / "inventory.py", {"rig2": rig_data(qwen_hub, real_git_url, ref)})
+
+    first, _ = converge(inventory(real.good_tag), env=env)
+    assert f"{unit}: proven: " in first.stderr and "tool call and tool result OK" in first.stderr
+    pid = service_pid(rig, unit)
+
+    failed = pyinfra_run(inventory(real.bad_tag), env=env, expect_ok=False)
+
+    assert failed.hosts["rig2"].failed
+    text = failed.stderr
+    assert "Unknown (built-in) filter 'items' for type String" in text, text[-4000:]
+    assert f"{unit}: NOT PROVEN (tool result failed: " in text
+    assert f"rolled back to b{real.build_number(real.good_tag)}-{real.short(real.good_tag)}" \
+        in text and "serving again" in text
+    log.info("rollback output:\n%s", "\n".join(
+        line for line in text.splitlines() if "llama-server-qwen" in line or "NOT PROVEN" in line))
+    (status1, _), (status2, _) = tool_turns(rig)
+    assert (status1, status2) == (200, 200)  # the old build answers the same conversation
+    restarted = service_pid(rig, unit)
+    assert restarted != pid
+
+    again = pyinfra_run(inventory(real.bad_tag), env=env, expect_ok=False)
+    assert f"{unit}: these inputs already failed their proof (tool result failed" in again.stderr
+    assert again.changes() == {} and service_pid(rig, unit) == restarted
+
+
+def service_pid(rig, unit: str) -> str:
+    return rig.ssh(f"systemctl show -p MainPID --value {unit}").stdout.strip()
