@@ -144,8 +144,10 @@ def _prove_or_roll_back(state, host, plan: ServicePlan, digest: str, keep_runnin
     report = _report(host, plan)
     why = (f"{report.get('step', 'check')} failed: {report.get('reason', 'see above')}"
            .replace("\n", " "))
-    _shell(host, f'umask 077 && {{ {digest}; printf "%s\\n" "$2"; }} > "$1.tmp" && '
-                 'mv -f -- "$1.tmp" "$1"', plan.failed, why)
+    # First line: what was tried (the inputs and the proof asked of them), then why it failed.
+    _shell(host, f'umask 077 && {{ printf "%s\\n%s\\n" "$({digest})" "$3" | sha256sum | '
+                 'cut -c1-64; printf "%s\\n" "$2"; } > "$1.tmp" && mv -f -- "$1.tmp" "$1"',
+           plan.failed, why, proof_text(plan))
     has_proven = _shell(host, 'test -f "$1"', plan.proven_unit)[0]
     if not has_proven:
         _shell(host, 'systemctl disable --now --quiet -- "$1"; true', plan.service)
@@ -161,6 +163,16 @@ def _prove_or_roll_back(state, host, plan: ServicePlan, digest: str, keep_runnin
         logger.error(f"{prefix}{plan.service}: NOT PROVEN ({why}); the rollback to the last "
                      "proven unit failed too")
     return False
+
+
+def proof_text(plan: ServicePlan) -> str:
+    return " ".join(plan.check)
+
+
+def attempt_key(inputs: str, plan: ServicePlan) -> str:
+    """What a proof attempt tried: the service's inputs and the proof asked of them (a new
+    proof, e.g. without the tool turn, is a new attempt)."""
+    return hashlib.sha256(f"{inputs}\n{proof_text(plan)}\n".encode()).hexdigest()
 
 
 @operation()
@@ -197,7 +209,8 @@ def served(plan: ServicePlan, changed: Sequence[OperationMeta] = ()):
         upstream = any(op.is_complete() and op.did_change() for op in changed)
     else:
         upstream = any(op.will_change for op in changed)
-    if state["inputs"] and state["failed"] == state["inputs"] and not plan.retry_failed:
+    if (state["inputs"] and state["failed"] == attempt_key(state["inputs"], plan)
+            and not plan.retry_failed):
         # Proven broken already: say so again, and leave the service serving what it serves.
         text = (f"{service}: these inputs already failed their proof ("
                 f"{state['failure'] or 'see the last run'}); it keeps serving the last proven "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import subprocess
 
 import pytest
 from pyinfra.api import FunctionCommand, StringCommand
@@ -98,7 +99,8 @@ def test_restart_reasons(state, changed, executing, reason):
 
 
 def test_inputs_that_failed_before_are_reported_without_a_restart():
-    commands, _ = served({"proven": "old", "inputs": "bad", "failed": "bad",
+    commands, _ = served({"proven": "old", "inputs": "bad",
+                          "failed": ops.attempt_key("bad", PLAN),
                           "failure": "tool result failed: answered 500", "installed": False})
     (command,) = commands
     assert isinstance(command, StringCommand)
@@ -109,8 +111,24 @@ def test_inputs_that_failed_before_are_reported_without_a_restart():
 
 def test_retry_failed_tries_again():
     plan = dataclasses.replace(PLAN, retry_failed=True)
-    commands, _ = served({"proven": "old", "inputs": "bad", "failed": "bad"}, plan=plan)
+    commands, _ = served({"proven": "old", "inputs": "bad",
+                          "failed": ops.attempt_key("bad", plan)}, plan=plan)
     assert isinstance(commands[0], FunctionCommand)
+
+
+def test_a_different_proof_of_the_same_inputs_is_a_new_attempt():
+    """e.g. prove_tool_call turned off for a model without tool support"""
+    plan = dataclasses.replace(PLAN, check=PLAN.check + ("--tool-call",))
+    commands, _ = served({"proven": "old", "inputs": "bad",
+                          "failed": ops.attempt_key("bad", plan)})
+    assert isinstance(commands[0], FunctionCommand)
+
+
+def test_the_attempt_key_is_what_the_rig_records(tmp_path):
+    """The rig hashes `inputs NL proof NL` with sha256sum; the controller must agree."""
+    out = subprocess.run(["sh", "-c", 'printf "%s\\n%s\\n" "$1" "$2" | sha256sum | cut -c1-64',
+                          "-", "d1", ops.proof_text(PLAN)], capture_output=True, text=True)
+    assert out.stdout.strip() == ops.attempt_key("d1", PLAN)
 
 
 def test_other_failed_inputs_do_not_block_a_new_change():
@@ -144,7 +162,8 @@ def test_failed_change_is_recorded_then_rolled_back_and_proven_again():
     assert not ok
     install, prove, read, record_failed, has_proven, reinstall, reprove, reread = ran
     assert prove.endswith("--restart") and reprove.endswith("--restart")
-    assert record_failed.endswith(f"{PLAN.failed} 'tool result failed: answered 500'")
+    assert record_failed.endswith(f"{PLAN.failed} 'tool result failed: answered 500' "
+                                  f"'{ops.proof_text(PLAN)}'")
     assert has_proven.endswith(PLAN.proven_unit)
     assert reinstall.endswith(f"- {PLAN.proven_unit} {PLAN.unit_file}")
 
