@@ -465,8 +465,15 @@ class RigData:
                                       check=optional(is_str(r"[^\s].*", "a file path")))
     models_prune: bool = setting(False, doc="delete model folders under models_dir that no "
                                             "model names any more", type="bool", check=is_bool)
-    models_verify: bool = setting(False, doc="re-hash every model file this run instead of "
-                                             "trusting its stamp", type="bool", check=is_bool)
+    models_verify: bool = setting(False, doc="re-hash every model file once, stamps "
+                                             "notwithstanding; the stamp records it, so later "
+                                             "runs with the setting still on change nothing",
+                                  type="bool", check=is_bool)
+    models_keep_revisions: int = setting(2, doc="revisions kept per model, the deployed one "
+                                                "included (older snapshots and the files no "
+                                                "snapshot links to are deleted; never one a "
+                                                "llama-server unit names)",
+                                         type="int", check=is_int(1, 100))
     services_retry_failed: bool = setting(False, doc="start again a service whose exact "
                                                      "inputs already failed their proof (the "
                                                      "failure is recorded on the rig; by "
