@@ -8,10 +8,10 @@ import pytest
 from lab.serving import (
     API_KEY,
     API_KEY_ENV,
-    FIRST_SHARD,
     chat,
     controller_env,
     engine,
+    first_shard,
     profile,
     rig_data,
     served_ids,
@@ -54,7 +54,7 @@ def test_two_profiles_converge_then_restart_only_what_changed(
     # Each argument reached llama-server exactly as written in the inventory.
     argv = sh(rig, f"tr '\\0' '\\n' < /proc/{pid}/cmdline").split("\n")
     assert argv[:3] == ["/opt/llm-garage/builds/llama/current/bin/llama-server", "-m",
-                        FIRST_SHARD]
+                        first_shard(hub)]
     assert argv[argv.index("--chat-template") + 1] == awkward
     assert sh(rig, f"ps -o user= -p {pid}") == "llama"
 
