@@ -180,7 +180,10 @@ def model_files(path: str, snapshot: str, blobs: str, files: list[dict], fetcher
         yield StringCommand("install", "-d", "-m", "755", "-o", "root", "-g", "root",
                             QuoteString(path), QuoteString(f"{path}/{STAMP_DIR}"), "&&",
                             "touch", QuoteString(f"{path}/{MANAGED_MARKER}"))
-    send_token = bool(fetched) and hf.token() is not None and auth_origin is not None
+    # a blob to hash may turn out wrong, a file to take over may sit on another filesystem:
+    # anything not merely to link may be downloaded
+    send_token = bool(download or unverified) and hf.token() is not None \
+        and auth_origin is not None
     command = _fetch_command(python, fetcher, path, snapshot, blobs, files, token=send_token,
                              auth_origin=auth_origin, retries=retries, check_only=False,
                              verify=verify)

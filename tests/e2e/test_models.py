@@ -136,7 +136,7 @@ def test_models_converge_on_two_rigs_and_a_rerun_hashes_nothing(
     assert len(requests(hub, "cdn")) == 2 * 4  # four files to each rig, once
     # the no-op run: nothing fetched, garage-fetch never started (so nothing was hashed)
     logs = {rig.name: fetch_log(rig, "padded") for rig in rigs}
-    assert [e["event"] for e in logs["rig1"]] == ["download", "done"]
+    assert [e["event"] for e in logs["rig1"]] == ["download", "done", "linked"]
     hub.stats.reset()
     third = pyinfra_run(inv, deploy, env=env)
     assert third.changed == 0
@@ -359,7 +359,8 @@ def test_models_flat_layout_is_adopted_without_downloading(
     inv = write_inventory({"rig1": host_data(hub, {"padded": PADDED_MODEL})})
     first, _ = converge(inv, deploy, env=env)
     assert requests(hub, "cdn") == []  # nothing downloaded
-    assert "taking 1 file(s) from /srv/models/padded into the blob store" in first.stderr
+    assert (f"garage-fetch: {PADDED}: taken from {folder}/{PADDED} into the blob store "
+            "(nothing downloaded)") in first.stderr
     assert rig.ssh(f"stat -c %i {BLOBS}/{sha}").stdout.strip() == inode  # a hard link
     assert on_rig_sha256(rig, f"{snapshot(hub, 'padded')}/{PADDED}") == sha
     # the old file stays for a unit that may still name it: the older layout counts as the
