@@ -83,7 +83,8 @@ def _pins(state) -> dict[tuple[str, str], hf.Resolved] | Exception:
         path = lock.lock_path_of(rigs)
         the_lock = lock.Lock.load(path) if path and path.exists() else None
         resolver_for = None if hf.offline() else lock.resolvers()
-        pinned = lock.pins(rigs, the_lock, resolver_for, path)
+        # the inventory's own path is not known here: the hint says <inventory>
+        pinned = lock.pins(rigs, the_lock, resolver_for, None)
     except DeployError as e:
         return e  # every host's prepare raises the same error, asked once
     if the_lock is None and pinned:

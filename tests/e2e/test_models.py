@@ -262,12 +262,14 @@ def test_models_gated_without_token_refused_and_token_never_shown(
 def test_models_lock_written_then_used_with_the_api_down(
         hub, env, deploy, start_rigs, write_inventory, converge, pyinfra_run, tmp_path):
     rig, = start_rigs(1)
-    inv = write_inventory({"rig1": host_data(hub, {"tiny": TINY, "padded": PADDED_MODEL})})
+    lock_path = tmp_path / "inventory.lock.json"
+    inv = write_inventory({"rig1": host_data(hub, {"tiny": TINY, "padded": PADDED_MODEL},
+                                             models_lock=str(lock_path))})
     lock = subprocess.run([sys.executable, "-m", "llm_garage.cli", "lock", str(inv)],
                           capture_output=True, text=True, cwd=REPO_ROOT, timeout=120,
                           env={"PATH": "/usr/bin:/bin", **env})
     assert lock.returncode == 0, lock.stderr
-    lock_path = inv.with_name("inventory.lock.json")
+    assert lock_path == inv.with_name("inventory.lock.json")
     pins = json.loads(lock_path.read_text())["models"]
     assert [f["path"] for f in pins["tiny"]["files"]] == [
         f"UD-Q4_K_XL/Tiny-UD-Q4_K_XL-0000{i}-of-00003.gguf" for i in (1, 2, 3)]
@@ -277,10 +279,11 @@ def test_models_lock_written_then_used_with_the_api_down(
     assert on_rig_sha256(rig, f"{snapshot(hub, 'padded')}/{PADDED}") == expected(hub, PADDED)
     hub.stop()  # no endpoint at all: a converged fleet deploys from the lock alone
     converge(inv, deploy, env=env)
-    inv = write_inventory({"rig1": host_data(hub, {"tiny": {**TINY, "quant": "Q8_0"}})})
+    inv = write_inventory({"rig1": host_data(hub, {"tiny": {**TINY, "quant": "Q8_0"}},
+                                             models_lock=str(lock_path))})
     stale = pyinfra_run(inv, deploy, env=env, expect_ok=False)
     assert not stale.ok and stale.changed == 0
-    assert f"run `llm-garage lock {inv}` to update it" in stale.stdout + stale.stderr
+    assert "run `llm-garage lock <inventory>` to update it" in stale.stdout + stale.stderr
 
 
 def test_models_removed_model_keeps_its_files_until_pruned(
