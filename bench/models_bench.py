@@ -84,7 +84,8 @@ def main() -> int:
                 curl_sync.append(curl[-1] + timed_on_rig(big_rig, f"sync {out}"))
                 big_rig.ssh(f"rm -f {out}")
                 fetch.append(timed_on_rig(
-                    big_rig, f"python3 /opt/bench/garage-fetch --dir /srv/bench/gf --file "
+                    big_rig, "python3 /opt/bench/garage-fetch --dir /srv/bench/gf/m --blobs "
+                             "/srv/bench/gf/.blobs --snapshot /srv/bench/gf/m/s --file "
                              f"Padded-Big.gguf {size} {sha} {shlex.quote(url)}"))
                 big_rig.ssh("rm -rf /srv/bench/gf")
 

@@ -16,7 +16,7 @@ from lab.standins.hf_server import HFServer
 
 MODEL_REPO = "garage/Tiny-GGUF"
 MODEL = {"repo": MODEL_REPO, "revision": "main", "quant": "Q4_K_M"}
-FIRST_SHARD = "/srv/models/tiny/Tiny-Q4_K_M-00001-of-00002.gguf"
+FIRST_SHARD_NAME = "Tiny-Q4_K_M-00001-of-00002.gguf"
 API_KEY = "sk-garage-e2e-5b1f0c9a77d3"
 API_KEY_ENV = "GARAGE_E2E_API_KEY"
 
@@ -30,6 +30,12 @@ def make_engine_repo(base: Path) -> EngineRepo:
     assert {"b6", "b8"} <= set(repo.tags)
     assert repo.fault_tags == {fault: f"b{9 + i}" for i, fault in enumerate(FAULTS)}
     return repo
+
+
+def first_shard(hub: HFServer, models_dir: str = "/srv/models") -> str:
+    """The file the tiny model's units load: its first shard in the snapshot of the commit
+    `main` points at."""
+    return f"{models_dir}/tiny/{hub._repo(MODEL_REPO).refs['main'][:12]}/{FIRST_SHARD_NAME}"
 
 
 def make_hub(bind: str, root: Path) -> HFServer:

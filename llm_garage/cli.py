@@ -66,7 +66,7 @@ def plan_lines(rig: Rig, locked: Lock | None = None) -> list[str]:
         state = "enabled" if p.enabled else "disabled"
         out.append(f"  profile {name} ({state}) as {service_name(name)}, "
                    f"http://{rig.address}:{p.port}/v1 model {rig.alias(name)}")
-        model_path = f"{rig.layout.model_dir(p.model)}/<first file of {p.model}>"
+        model_path = f"{rig.layout.model_dir(p.model)}/<commit12>/<first file of {p.model}>"
         out.append("    " + rig.server_command(name, model_path))
     if d.opencode_client:
         out.append(f"  opencode.json: {d.opencode_config_path} (providers "

@@ -1,8 +1,9 @@
 """Every path on a rig, defined once: read any path here, nowhere else.
 
 Two settings anchor them: `garage_root` (sources, builds, ccache, state, our scripts) and
-`models_dir` (model folders). Fixed system places (systemd's unit folder, our secrets folder)
-are constants. Names of units and services are here too, since paths derive from them."""
+`models_dir` (the blob store and the model folders). Fixed system places (systemd's unit
+folder, our secrets folder) are constants. Names of units and services are here too, since
+paths derive from them."""
 
 from __future__ import annotations
 
@@ -35,6 +36,43 @@ def _stem(profile: str) -> str:
 
 # Files of a service beside its unit, by folder and suffix: removed with the service.
 SERVICE_STATE_SUFFIXES = (".service", ".service.proven", ".inputs", ".failed", ".proof.json")
+
+
+# The model store (see tasks/models.py): every model file once, as `<blobs_dir>/<sha256>`,
+# with its stamp, its partial download and its writer's lock beside it. garage-fetch derives
+# the same three names from the blob's path (`<blob>.stamp`, `.partial`, `.lock`).
+BLOBS_FOLDER = ".blobs"
+SNAPSHOT_ID_LENGTH = 12  # a snapshot folder is named by the first 12 hex digits of its commit
+
+
+def blob_path(blobs_dir: str, sha256: str) -> str:
+    return f"{blobs_dir}/{sha256}"
+
+
+def blob_stamp(blobs_dir: str, sha256: str) -> str:
+    """`size mtime sha256 [verified]`, written by garage-fetch after hashing the blob."""
+    return f"{blob_path(blobs_dir, sha256)}.stamp"
+
+
+def blob_partial(blobs_dir: str, sha256: str) -> str:
+    """A download in progress, renamed into the blob once its size and sha256 match."""
+    return f"{blob_path(blobs_dir, sha256)}.partial"
+
+
+def blob_lock(blobs_dir: str, sha256: str) -> str:
+    """flock'ed by the one garage-fetch writing or linking the blob (and by the prune)."""
+    return f"{blob_path(blobs_dir, sha256)}.lock"
+
+
+def snapshot_id(commit: str) -> str:
+    return commit[:SNAPSHOT_ID_LENGTH]
+
+
+def server_unit_files(service_inputs_dir: str) -> tuple[str, ...]:
+    """Globs of every llama-server unit on a rig that may name a model file: the installed
+    units, the rendered (wanted) ones and the copies of the last proven ones."""
+    return (f"{UNIT_DIR}/{SERVER_UNIT_GLOB}", f"{service_inputs_dir}/{SERVER_UNIT_GLOB}",
+            f"{service_inputs_dir}/{SERVER_UNIT_GLOB}.proven")
 
 
 def script_source(script: str) -> str:
@@ -107,9 +145,30 @@ class Layout:
         return f"{self.engine_builds_dir(engine)}/{build_key}/bin/llama-server"
 
     # --- models ---
+    @property
+    def blobs_dir(self) -> str:
+        """Every model file once, named by its sha256 (shared by models and revisions)."""
+        return f"{self.models_dir}/{BLOBS_FOLDER}"
+
+    def blob(self, sha256: str) -> str:
+        return blob_path(self.blobs_dir, sha256)
+
     def model_dir(self, model: str) -> str:
-        """A model's folder: its `dir` setting, else `<models_dir>/<model>`."""
+        """A model's folder: its `dir` setting, else `<models_dir>/<model>`. It holds one
+        snapshot folder per revision."""
         return self.model_dirs.get(model) or f"{self.models_dir}/{model}"
+
+    def model_snapshot(self, model: str, commit: str) -> str:
+        """One revision of a model: `<model dir>/<commit12>/`, its files under their original
+        names as links to their blobs (never changed once complete)."""
+        return f"{self.model_dir(model)}/{snapshot_id(commit)}"
+
+    def model_file(self, model: str, commit: str, name: str) -> str:
+        return f"{self.model_snapshot(model, commit)}/{name}"
+
+    @property
+    def server_unit_files(self) -> tuple[str, ...]:
+        return server_unit_files(self.service_inputs_dir)
 
     # --- services ---
     # A profile's unit is rendered to `wanted_unit`; only the proof step installs it as the

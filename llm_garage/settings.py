@@ -435,8 +435,9 @@ class RigData:
     garage_root: str = setting("/opt/llm-garage", doc="where sources, builds, logs and state "
                                                       "live on the rig", type="path",
                                check=is_abs_path)
-    models_dir: str = setting("/srv/models", doc="parent folder of model folders (not a system "
-                                                 "folder such as /, /etc or /usr)", type="path",
+    models_dir: str = setting("/srv/models", doc="parent folder of the blob store (.blobs) and "
+                                                 "the model folders (not a system folder such "
+                                                 "as /, /etc or /usr)", type="path",
                               check=_models_dir)
     service_user: str = setting("llama", doc="system user that runs llama-server",
                                 type="str", check=is_str(r"[a-z_][a-z0-9_-]{0,31}",
@@ -464,9 +465,17 @@ class RigData:
                                                 "empty = no lock", type="path",
                                       check=optional(is_str(r"[^\s].*", "a file path")))
     models_prune: bool = setting(False, doc="delete model folders under models_dir that no "
-                                            "model names any more", type="bool", check=is_bool)
-    models_verify: bool = setting(False, doc="re-hash every model file this run instead of "
-                                             "trusting its stamp", type="bool", check=is_bool)
+                                            "model names any more (and the files nothing "
+                                            "links to then)", type="bool", check=is_bool)
+    models_verify: bool = setting(False, doc="re-hash every model file once, stamps "
+                                             "notwithstanding; the stamp records it, so later "
+                                             "runs with the setting still on change nothing",
+                                  type="bool", check=is_bool)
+    models_keep_revisions: int = setting(2, doc="revisions kept per model, the deployed one "
+                                                "included (older snapshots and the files no "
+                                                "snapshot links to are deleted; never one a "
+                                                "llama-server unit names)",
+                                         type="int", check=is_int(1, 100))
     services_retry_failed: bool = setting(False, doc="start again a service whose exact "
                                                      "inputs already failed their proof (the "
                                                      "failure is recorded on the rig; by "

@@ -102,7 +102,9 @@ def llama_unit_context(rig: Rig, profile: str, model_path: str, binary: str | No
     """Values of a profile's unit; `binary`: the llama-server of the build it runs (default:
     the engine's `current` build)."""
     p = rig.profiles[profile]
-    read_only = [rig.layout.engine_builds_dir(p.engine), rig.layout.model_dir(p.model)]
+    # the model's snapshots link into the blob store: the service reads both, writes neither
+    read_only = [rig.layout.engine_builds_dir(p.engine), rig.layout.model_dir(p.model),
+                 rig.layout.blobs_dir]
     model_dir = str(Path(model_path).parent)
     if not any(model_dir == d or model_dir.startswith(d + "/") for d in read_only):
         read_only.append(model_dir)

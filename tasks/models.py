@@ -1,12 +1,15 @@
 """Models: GGUF files from Hugging Face at a pinned commit, on every rig that serves them.
 
 The plan (llm_garage/plans/models.py) pins every model before any host changes. On the rig,
-one folder per model holds the files under their original names (llama-server finds the
-shards of a split model next to the first one), downloaded by `garage-fetch`: resumable,
-sha256-verified before an atomic rename, stamped so that later runs cost a few `stat`s, not a
-re-hash. Files are root's, readable by everyone (the service user reads them, cannot change
-them). Removing a model from the inventory leaves its files alone; `models_prune: true`
-deletes the folders llm-garage created that no model names any more."""
+every file is stored once in the blob store, `<models_dir>/.blobs/<sha256>`, and each revision
+of a model is a snapshot folder, `<model dir>/<commit12>/`, holding links to its blobs under
+the files' original names (llama-server finds the shards of a split model next to the first
+one). `garage-fetch` downloads resumably, verifies the sha256 before an atomic rename, stamps
+so that later runs cost a few `stat`s, not a re-hash, and links the snapshot last: nothing a
+running server reads is changed, so a new revision is a new unit that is proven, or rolled
+back to the old snapshot. Files are root's, readable by everyone (the service user reads
+them, cannot change them). Old snapshots are pruned beyond `models_keep_revisions`, never one a
+unit names; removing a model from the inventory leaves its files alone unless `models_prune`."""
 
 from __future__ import annotations
 
@@ -22,23 +25,26 @@ from llm_garage.settings import Rig
 
 @deploy("Models")
 def converge(rig: Rig) -> tuple[dict[str, ModelPlan], dict[str, list[OperationMeta]]]:
-    """Every model of the rig in its folder, verified. Returns the plans (name -> ModelPlan)
+    """Every model of the rig in its snapshot, verified. Returns the plans (name -> ModelPlan)
     and, per model, the operations whose change means its files changed this run."""
     plans = model_plan.plan(rig, host.state)
     fetcher = rig.layout.script("garage-fetch")
     changed: dict[str, list[OperationMeta]] = {}
     for name, plan in plans.items():
-        ops.model_files(
-            name=f"Check {name} files in place (hash only what has no matching stamp)",
-            path=plan.folder, files=list(plan.files), fetcher=fetcher,
-            verify=rig.data.models_verify, check_only=True,
-        )
+        where = dict(path=plan.folder, snapshot=plan.snapshot, blobs=plan.blobs,
+                     files=list(plan.files), fetcher=fetcher, verify=rig.data.models_verify)
+        ops.model_files(name=f"Check {name} files in place (hash only what has no matching "
+                             "stamp)", check_only=True, **where)
         changed[name] = [ops.model_files(
-            name=f"Fetch {name}: {plan.describe()}", path=plan.folder, files=list(plan.files),
-            fetcher=fetcher, auth_origin=rig.hf_endpoint, retries=rig.data.models_retries,
-        )]
-    if rig.data.models_prune:
-        ops.pruned(name=f"Prune model folders in {rig.data.models_dir} no model names",
-                   models_dir=rig.data.models_dir,
-                   keep=[rig.layout.model_dir(n) for n in rig.models])
+            name=f"Fetch {name}: {plan.describe()}", auth_origin=rig.hf_endpoint,
+            retries=rig.data.models_retries, **where)]
+    what = "old revisions, unused files" + (
+        ", folders no model names" if rig.data.models_prune else "")
+    ops.store_pruned(
+        name=f"Prune {rig.data.models_dir}: {what}", models_dir=rig.data.models_dir,
+        blobs=rig.layout.blobs_dir, models={p.folder: p.snapshot for p in plans.values()},
+        wanted=sorted({f["sha256"] for p in plans.values() for f in p.files}),
+        keep_revisions=rig.data.models_keep_revisions,
+        unit_files=list(rig.layout.server_unit_files), fetcher=fetcher,
+        prune_folders=rig.data.models_prune)
     return plans, changed

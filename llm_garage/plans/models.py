@@ -1,5 +1,5 @@
 """The model plan: every model of a rig pinned to a commit and exact files (name, size,
-sha256, URL), and the folder it lands in.
+sha256, URL), the blob store they land in and the revision's snapshot folder that names them.
 
 Pins come from the lock when the inventory names one (Hugging Face is not asked), else from
 the API, once per model for the whole run (llm_garage.lock, llm_garage.hf)."""
@@ -23,14 +23,17 @@ class ModelPlan:
     """One model on one rig."""
 
     name: str
-    folder: str
+    folder: str  # the model's folder: one snapshot folder per revision
+    snapshot: str  # this revision's: its files under their names, links to their blobs
+    blobs: str  # the blob store (shared by every model of the rig)
     files: tuple[dict, ...]  # {"name", "size", "sha256", "url"} per file, the loaded one first
     resolved: hf.Resolved
 
     @property
     def path(self) -> str:
-        """The file llama-server loads (-m): the first shard finds the others beside it."""
-        return f"{self.folder}/{self.resolved.main.name}"
+        """The file llama-server loads (-m): the first shard finds the others beside it. A new
+        revision is a new path, so a new unit (proven, or rolled back to the old snapshot)."""
+        return f"{self.snapshot}/{self.resolved.main.name}"
 
     def describe(self) -> str:
         r = self.resolved
@@ -48,8 +51,9 @@ def plan(rig: Rig, state) -> dict[str, ModelPlan]:
         resolved = pinned[(rig.name, name)]
         files = tuple({"name": f.name, "size": f.size, "sha256": f.sha256,
                        "url": resolved.url(rig.hf_endpoint, f)} for f in resolved.files)
-        plans[name] = ModelPlan(name=name, folder=rig.layout.model_dir(name), files=files,
-                                resolved=resolved)
+        plans[name] = ModelPlan(name=name, folder=rig.layout.model_dir(name),
+                                snapshot=rig.layout.model_snapshot(name, resolved.commit),
+                                blobs=rig.layout.blobs_dir, files=files, resolved=resolved)
     return plans
 
 
@@ -79,7 +83,8 @@ def _pins(state) -> dict[tuple[str, str], hf.Resolved] | Exception:
         path = lock.lock_path_of(rigs)
         the_lock = lock.Lock.load(path) if path and path.exists() else None
         resolver_for = None if hf.offline() else lock.resolvers()
-        pinned = lock.pins(rigs, the_lock, resolver_for, path)
+        # the inventory's own path is not known here: the hint says <inventory>
+        pinned = lock.pins(rigs, the_lock, resolver_for, None)
     except DeployError as e:
         return e  # every host's prepare raises the same error, asked once
     if the_lock is None and pinned:

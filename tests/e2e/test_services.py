@@ -8,10 +8,10 @@ import pytest
 from lab.serving import (
     API_KEY,
     API_KEY_ENV,
-    FIRST_SHARD,
     chat,
     controller_env,
     engine,
+    first_shard,
     profile,
     rig_data,
     served_ids,
@@ -56,7 +56,7 @@ def test_two_profiles_converge_then_restart_only_what_changed(
     argv = sh(rig, f"tr '\\0' '\\n' < /proc/{pid}/cmdline").split("\n")
     build = sh(rig, "readlink /opt/llm-garage/builds/llama/current")  # proven, so current
     assert argv[:3] == [f"/opt/llm-garage/builds/llama/{build}/bin/llama-server", "-m",
-                        FIRST_SHARD]
+                        first_shard(hub)]
     assert argv[argv.index("--chat-template") + 1] == awkward
     assert sh(rig, f"ps -o user= -p {pid}") == "llama"
 

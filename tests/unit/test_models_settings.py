@@ -59,3 +59,37 @@ def test_models_dir_is_absolute_and_may_live_anywhere_else():
         "(accepted: a path starting with /)"]
     for ok in ("/var/lib/models", "/home/me/models", "/mnt/nvme/models", "/opt/models"):
         assert messages(models_dir=ok) == [], ok
+
+
+def test_models_keep_revisions_defaults_to_two_and_keeps_at_least_the_deployed_one():
+    rig, errors = load_rig("rig1", {"models": {"m": MODEL}})
+    assert not errors and rig.data.models_keep_revisions == 2
+    for bad in (0, -1, 101, "all"):
+        _, errors = load_rig("rig1", {"models_keep_revisions": bad})
+        assert [e.path for e in errors] == ["models_keep_revisions"], bad
+
+
+def test_model_plan_points_into_the_revisions_snapshot(monkeypatch):
+    from llm_garage import hf
+    from llm_garage.plans import models as model_plan
+
+    rig, errors = load_rig("rig1", {"models_dir": "/data/models", "models": {
+        "m": MODEL, "q": {**MODEL, "dir": "/data/models/big/q"}}})
+    assert not errors
+    commit = "0123456789abcdef" * 2 + "01234567"
+    shards = tuple(hf.RemoteFile(f"Q4_K_M/m-0000{i}-of-00002.gguf", 10 * i, f"{i}" * 64)
+                   for i in (1, 2))
+    spec = hf.Spec(MODEL["repo"], "main", "quant", "Q4_K_M")
+    monkeypatch.setattr(model_plan, "pins_for", lambda state: {
+        ("rig1", n): hf.Resolved(spec, commit, shards) for n in ("m", "q")})
+    plans = model_plan.plan(rig, object())
+    assert plans["m"].folder == "/data/models/m"
+    assert plans["m"].snapshot == "/data/models/m/0123456789ab"
+    assert plans["m"].path == "/data/models/m/0123456789ab/m-00001-of-00002.gguf"
+    assert plans["q"].path == "/data/models/big/q/0123456789ab/m-00001-of-00002.gguf"
+    assert plans["m"].blobs == plans["q"].blobs == "/data/models/.blobs"
+    assert [f["sha256"] for f in plans["m"].files] == ["1" * 64, "2" * 64]
+    assert rig.layout.server_unit_files == (
+        "/etc/systemd/system/llama-server-*.service",
+        "/opt/llm-garage/state/services/llama-server-*.service",
+        "/opt/llm-garage/state/services/llama-server-*.service.proven")

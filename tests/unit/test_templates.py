@@ -16,7 +16,7 @@ from tasks import gpus as gpus_task
 from tasks import services as services_task
 
 REPO = Path(__file__).resolve().parents[2]
-GARAGE_MODEL = ("/srv/models/qwen3.5-122b-q6/UD-Q6_K_XL/"
+GARAGE_MODEL = ("/srv/models/qwen3.5-122b-q6/0123456789ab/"
                 "Qwen3.5-122B-A10B-UD-Q6_K_XL-00001-of-00004.gguf")
 
 
@@ -144,7 +144,8 @@ def test_garage_unit_layout(garage_fleet):
         "Type=exec", "User=llama", 'Environment="CUDA_DEVICE_ORDER=PCI_BUS_ID"',
         "Restart=on-failure", "RestartSec=10", "StartLimitBurst=5",
         "NoNewPrivileges=yes", "ProtectSystem=strict", "ProtectHome=yes", "PrivateTmp=yes",
-        "ReadOnlyPaths=-/opt/llm-garage/builds/llama -/srv/models/qwen3.5-122b-q6",
+        "ReadOnlyPaths=-/opt/llm-garage/builds/llama -/srv/models/qwen3.5-122b-q6 "
+        "-/srv/models/.blobs",
         "InaccessiblePaths=-/etc/llm-garage", "WantedBy=multi-user.target",
     ]:
         assert expected in lines
@@ -228,7 +229,7 @@ def test_model_outside_its_model_dir_is_read_only_too():
     r = rig()
     ctx = units.llama_unit_context(r, "p", "/data/elsewhere/m.gguf")
     assert ctx["read_only_paths"] == ["-/opt/llm-garage/builds/llama", "-/srv/models/m",
-                                      "-/data/elsewhere"]
+                                      "-/srv/models/.blobs", "-/data/elsewhere"]
 
 
 def test_rendering_is_deterministic(garage_fleet):
