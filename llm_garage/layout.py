@@ -119,6 +119,11 @@ class Layout:
         return f"{self.garage_root}/state"
 
     @property
+    def gpu_power_unit(self) -> str:
+        """The GPU boot unit as rendered, installed from here (see operations.unit_installed)."""
+        return f"{self.state_dir}/{GPU_POWER_UNIT}"
+
+    @property
     def engine_pins(self) -> str:
         """Record of the commit each tag resolved to on this rig (a moved tag is refused)."""
         return f"{self.state_dir}/engine-pins"

@@ -26,23 +26,25 @@ def converge(rig: Rig) -> None:
         if d.gpu_count == 0:
             host.log("gpus: no NVIDIA GPUs (gpu_count 0), power settings skipped")
         services.unit_absent(name=f"No {GPU_POWER_UNIT}", service=GPU_POWER_UNIT,
-                             paths=[unit_path(GPU_POWER_UNIT)])
+                             paths=[unit_path(GPU_POWER_UNIT), rig.layout.gpu_power_unit])
         return
 
     nvidia_smi = host.get_fact(Which, command="nvidia-smi")
     if not nvidia_smi:
         raise GpuError(f"host {rig.name!r}: gpu_count is {d.gpu_count} but nvidia-smi "
-                               "is not installed (install the NVIDIA driver first)")
+                       "is not installed (install the NVIDIA driver first)")
     limits = rig.power_limits()
     # Checked now, while the deploy is prepared: a bad limit or GPU count stops the run before
     # any operation runs on any host (the operation decides again when it runs).
     plan_power(rig.name, d.gpu_count, limits, d.gpu_persistence_mode, host.get_fact(GpuTable))
     gpu.power_settings(name="GPU persistence mode and power limits", gpu_count=d.gpu_count,
                        limits=limits, persistence=d.gpu_persistence_mode, nvidia_smi=nvidia_smi)
-    unit = files.template(name=f"Boot unit {GPU_POWER_UNIT}", src=UNIT_TEMPLATE,
-                          dest=unit_path(GPU_POWER_UNIT), user="root", group="root", mode="644",
-                          jinja_env_kwargs=dict(units.TEMPLATE_OPTIONS),
-                          unit=units.gpu_power_unit_context(rig, nvidia_smi, nvidia_modprobe))
-    systemd.daemon_reload(name="Reload systemd (GPU power unit changed)", _if=unit.did_change)
+    files.template(name=f"Rendered {GPU_POWER_UNIT}", src=UNIT_TEMPLATE,
+                   dest=rig.layout.gpu_power_unit, user="root", group="root", mode="644",
+                   jinja_env_kwargs=dict(units.TEMPLATE_OPTIONS),
+                   unit=units.gpu_power_unit_context(rig, nvidia_smi, nvidia_modprobe))
+    services.unit_installed(name=f"Boot unit {GPU_POWER_UNIT}",
+                            source=rig.layout.gpu_power_unit,
+                            unit_file=unit_path(GPU_POWER_UNIT))
     systemd.service(name=f"Enable {GPU_POWER_UNIT} at boot", service=GPU_POWER_UNIT,
                     running=None, enabled=True)

@@ -65,11 +65,14 @@ def config_merged(path: str, providers: Mapping[str, dict], prefix: str, owner: 
                         QuoteString(posixpath.dirname(real)), QuoteString(owner))
     if existing is not None:
         backup = real + opencode.BACKUP_SUFFIX
-        yield StringCommand("sh", "-c", QuoteString('[ -e "$2" ] || cp -p -- "$1" "$2"'), "-",
-                            QuoteString(real), QuoteString(backup))
+        keep_once = ('[ -e "$2" ] || { cp -p -- "$1" "$2.tmp" && sync -- "$2.tmp" && '
+                     'mv -f -- "$2.tmp" "$2"; }')
+        yield StringCommand("sh", "-c", QuoteString(keep_once), "-", QuoteString(real),
+                            QuoteString(backup))
     yield StringCommand("sh", "-c", QuoteString('umask 077 && : > "$1" && chmod 600 "$1"'), "-",
                         QuoteString(temp))
     yield from private_upload(opencode.dumps(merged), temp)
     yield StringCommand("chmod", mode, QuoteString(temp))
     yield StringCommand("chown", f"{owner}:", QuoteString(temp))
+    yield StringCommand("sync", "--", QuoteString(temp))
     yield StringCommand("mv", "-f", "--", QuoteString(temp), QuoteString(real))

@@ -79,9 +79,13 @@ def secret_file(path: str, content: str | None, directory_mode: str = "700"):
     directory = posixpath.dirname(path)
     yield StringCommand("install", "-d", "-m", directory_mode, "-o", "root", "-g", "root",
                         QuoteString(directory))
+    # Written beside, then renamed: a reader (or a kill) never sees half a key.
+    temp = f"{path}.tmp"
     yield StringCommand("sh", "-c", QuoteString(
-        'umask 077 && : >> "$1" && chown root:root "$1" && chmod 600 "$1"'), "-", QuoteString(path))
-    yield from private_upload(content, path)
+        'umask 077 && : > "$1" && chown root:root "$1" && chmod 600 "$1"'), "-", QuoteString(temp))
+    yield from private_upload(content, temp)
+    yield StringCommand("sh", "-c", QuoteString('sync -- "$1" && mv -f -- "$1" "$2"'), "-",
+                        QuoteString(temp), QuoteString(path))
 
 
 def _shell(host, script: str, *args: str, print_output: bool = False):
@@ -238,6 +242,35 @@ def served(plan: ServicePlan, changed: Sequence[OperationMeta] = ()):
     keep_running = (not state["proven_unit"] and state["proven"] is not None
                     and state["active"] == "active")
     yield FunctionCommand(_prove_or_roll_back, (plan, digest, keep_running), {})
+
+
+@operation()
+def unit_installed(source: str, unit_file: str):
+    """
+    Install a unit rendered on the rig as the systemd unit, atomically, and reload systemd.
+
+    + source: the rendered unit (written by the deploy beside our state)
+    + unit_file: where systemd reads it
+
+    A unit file is never half-written: the copy goes beside it, reaches the disk, then is
+    renamed over it.
+
+    **Example:**
+
+    .. code:: python
+
+        services.unit_installed(name="GPU unit", source="/opt/llm-garage/state/x.service",
+                                unit_file="/etc/systemd/system/x.service")
+    """
+    want = host.get_fact(Sha256File, path=source)
+    have = host.get_fact(Sha256File, path=unit_file)
+    if want is not None and want == have:
+        host.noop(f"{unit_file} is the rendered unit")
+        return
+    yield StringCommand("sh", "-c", QuoteString(
+        'cp -f -- "$1" "$2.tmp" && chmod 644 "$2.tmp" && sync -- "$2.tmp" && '
+        'mv -f -- "$2.tmp" "$2" && systemctl daemon-reload'), "-", QuoteString(source),
+        QuoteString(unit_file))
 
 
 @operation()

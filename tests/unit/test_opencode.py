@@ -187,9 +187,11 @@ def test_op_writes_through_a_temporary_file_after_a_backup():
     assert json.loads(upload.src.getvalue()) == {"theme": "x", "provider": PROVIDERS}
     assert strings[1].endswith(" - /home/u/dots/opencode.json "
                                "/home/u/dots/opencode.json.llm-garage.orig")
-    assert strings[-3:] == [
+    assert "mv -f -- \"$2.tmp\" \"$2\"" in strings[1]  # the backup is written atomically too
+    assert strings[-4:] == [
         "chmod 640 /home/u/dots/opencode.json.llm-garage.tmp",
         "chown u: /home/u/dots/opencode.json.llm-garage.tmp",
+        "sync -- /home/u/dots/opencode.json.llm-garage.tmp",
         "mv -f -- /home/u/dots/opencode.json.llm-garage.tmp /home/u/dots/opencode.json"]
 
 

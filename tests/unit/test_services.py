@@ -158,11 +158,14 @@ def test_secret_file_unchanged_is_a_noop():
 def test_secret_file_is_private_before_it_holds_anything():
     run = run_op(ops.secret_file, {"files.Sha256File": None}, path="/etc/llm-garage/a.key",
                  content="k3y\n")
-    mkdir, create, upload = run.commands
+    mkdir, create, upload, rename = run.commands
     assert [mkdir.get_raw_value()] == ["install -d -m 700 -o root -g root /etc/llm-garage"]
     assert "umask 077" in create.get_raw_value() and "chmod 600" in create.get_raw_value()
-    assert isinstance(upload, FileUploadCommand) and upload.dest == "/etc/llm-garage/a.key"
+    assert create.get_raw_value().endswith(" - /etc/llm-garage/a.key.tmp")
+    assert isinstance(upload, FileUploadCommand) and upload.dest == "/etc/llm-garage/a.key.tmp"
     assert upload.remote_temp_filename is None
+    # renamed over the key only once complete: a kill never leaves half a key in place
+    assert rename.get_raw_value().endswith(" - /etc/llm-garage/a.key.tmp /etc/llm-garage/a.key")
     assert upload.src.getvalue() == "k3y\n"
     assert not any("k3y" in c.get_raw_value() for c in run.commands if isinstance(c, StringCommand))
 
@@ -170,7 +173,7 @@ def test_secret_file_is_private_before_it_holds_anything():
 def test_secret_file_with_sudo_prepares_a_private_temporary_file():
     run = run_op(ops.secret_file, {"files.Sha256File": "0" * 64}, global_args={"_sudo": True},
                  path="/etc/llm-garage/a.key", content="k3y\n")
-    temp_cmd, upload = run.commands[-2:]
+    temp_cmd, upload, _rename = run.commands[-3:]
     assert upload.remote_temp_filename and upload.remote_temp_filename.startswith("/tmp/")
     assert temp_cmd.get_raw_value().endswith(upload.remote_temp_filename)
     assert temp_cmd.connector_arguments["_sudo"] is False
@@ -380,3 +383,17 @@ def test_secret_file_absent():
     run = run_op(ops.secret_file, {"files.Sha256File": None}, path="/etc/llm-garage/a.key",
                  content=None)
     assert run.commands == [] and run.noops == ["no /etc/llm-garage/a.key"]
+
+
+def test_unit_installed_only_when_it_differs_and_atomically():
+    same = {"files.Sha256File": lambda path: "a" * 64}
+    run = run_op(ops.unit_installed, same, source="/opt/g/state/x.service",
+                 unit_file="/etc/systemd/system/x.service")
+    assert run.commands == []
+    assert run.noops == ["/etc/systemd/system/x.service is the rendered unit"]
+    differs = {"files.Sha256File": lambda path: "a" * 64 if path.startswith("/opt") else None}
+    run = run_op(ops.unit_installed, differs, source="/opt/g/state/x.service",
+                 unit_file="/etc/systemd/system/x.service")
+    (command,) = run.raw
+    assert 'mv -f -- "$2.tmp" "$2" && systemctl daemon-reload' in command
+    assert command.endswith(" - /opt/g/state/x.service /etc/systemd/system/x.service")
