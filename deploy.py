@@ -6,10 +6,14 @@ each task then reads only its host's validated `Rig`, plans from the rig's facts
 
 from pyinfra import host
 
+from llm_garage import deploy_lock
 from llm_garage.fleet import fleet_for, rig_for
 from tasks import base, engines, gpus, models, opencode, services
 
 rig = rig_for(host)
+# One deploy per rig: each rig's lock is taken before the first operation, released after the last.
+deploy_lock.hold(host.state, {name: (r.layout.deploy_lock, r.data.deploy_lock_wait_s)
+                              for name, r in fleet_for(host.state).items()})
 
 base.prepare(rig)
 engine_plans, engine_changes = engines.converge(rig)

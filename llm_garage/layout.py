@@ -119,6 +119,11 @@ class Layout:
         return f"{self.garage_root}/state"
 
     @property
+    def deploy_lock(self) -> str:
+        """Held by the one deploy running on this rig (llm_garage/deploy_lock.py)."""
+        return f"{self.state_dir}/deploy.lock"
+
+    @property
     def gpu_power_unit(self) -> str:
         """The GPU boot unit as rendered, installed from here (see operations.unit_installed)."""
         return f"{self.state_dir}/{GPU_POWER_UNIT}"

@@ -476,6 +476,10 @@ class RigData:
                                                 "snapshot links to are deleted; never one a "
                                                 "llama-server unit names)",
                                          type="int", check=is_int(1, 100))
+    deploy_lock_wait_s: int = setting(0, doc="seconds a deploy waits for another deploy "
+                                             "running on the rig to finish; 0 = stop at once, "
+                                             "saying who holds the rig", type="int",
+                                      check=is_int(0, 86400))
     services_retry_failed: bool = setting(False, doc="start again a service whose exact "
                                                      "inputs already failed their proof (the "
                                                      "failure is recorded on the rig; by "
