@@ -65,7 +65,7 @@ def test_a_lock_left_by_a_run_that_is_gone_is_taken_over(
 
 
 def test_a_lock_held_elsewhere_stops_the_rig_before_anything_runs(
-        start_rigs, write_inventory, pyinfra_run, hub, git_url, tmp_path):
+        start_rigs, write_inventory, converge, pyinfra_run, hub, git_url, tmp_path):
     (rig,) = start_rigs("rig1")
     boot = sh(rig, "cat /proc/sys/kernel/random/boot_id")
     rig.ssh(f"mkdir -p {os.path.dirname(LOCK)}")
@@ -79,3 +79,6 @@ def test_a_lock_held_elsewhere_stops_the_rig_before_anything_runs(
     assert refused.changes() == {}
     assert rig.ssh("test -e /opt/llm-garage/bin/garage-build", check=False).returncode == 1
     assert sh(rig, f"head -n 1 {LOCK}").startswith("workstation pid 4242")  # not ours to drop
+    # Once that run is done (its lock gone), the deploy converges.
+    rig.ssh(f"rm {LOCK}")
+    converge(inventory, env=controller_env(tmp_path))
