@@ -161,7 +161,7 @@ def test_tag_bump_failed_build_and_rollback(start_rigs, write_inventory, converg
     assert current(rig) == key11
     assert set(first.changes()["garage"]) >= {
         "Engines | Record llama tag b11", f"Engines | Build llama b11 ({key11})",
-        f"Engines | Switch llama to {key11}"}
+        f"Engines proven | Switch llama to {key11}"}
     assert int(stamp(rig, "llama", key11)["ccache_hits"]) > 0
     assert build_info(rig)["build_number"] == 11
     assert sh(rig, f"ls {BUILDS}/llama") == "\n".join(sorted([key6, key11, "current"]))
@@ -182,7 +182,7 @@ def test_tag_bump_failed_build_and_rollback(start_rigs, write_inventory, converg
     first, _ = converge(inv6)
     assert current(rig) == key6
     changed = first.changes()["garage"]
-    assert f"Engines | Switch llama to {key6}" in changed
+    assert f"Engines proven | Switch llama to {key6}" in changed
     assert f"Engines | Build llama b6 ({key6})" in first.hosts["garage"].no_change_ops
     assert mtime(rig, f"{BUILDS}/llama/{key6}/build.log") == log6
     # The unfinished b10 folder is gone; both good builds stay.
