@@ -35,6 +35,8 @@ def build_command(plan: BuildPlan, script: str) -> StringCommand:
     opt("--ccache-base", plan.ccache_base)
     if plan.nvcc:
         opt("--nvcc", plan.nvcc)
+    if plan.cuda_toolkit:
+        opt("--cuda-toolkit", plan.cuda_toolkit)
     for target in plan.targets:
         opt("--target", target)
     bits.append("--")

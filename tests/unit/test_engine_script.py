@@ -81,7 +81,8 @@ class Garage:
         self.root = root
         self.remote = remote
 
-    def build(self, tag: str, *, key: str | None = None, cmake_args=(), fetch=None):
+    def build(self, tag: str, *, key: str | None = None, cmake_args=(), fetch=None,
+              options=()):
         commit = git(self.remote, "rev-parse", f"{tag}^{{commit}}")
         key = key or f"{commit[:12]}-0000000000"
         build_dir = self.root / "builds" / "llama" / key
@@ -93,7 +94,7 @@ class Garage:
                 "--ccache-base", str(self.root)]
         for spec in fetch:
             argv += ["--fetch", spec]
-        argv += ["--", "-DCMAKE_BUILD_TYPE=Release", *cmake_args]
+        argv += [*options, "--", "-DCMAKE_BUILD_TYPE=Release", *cmake_args]
         proc = subprocess.run(argv, capture_output=True, text=True)
         return proc, build_dir, commit
 
@@ -126,6 +127,26 @@ def test_builds_a_tag_with_the_right_build_number(garage):
     source = garage.root / "src" / "llama"
     assert not (source / ".git" / "shallow").exists()
     assert git(source, "rev-parse", "HEAD") == commit
+
+
+def test_the_stamp_names_the_cuda_toolkit(garage):
+    proc, build_dir, _ = garage.build("b2", options=["--cuda-toolkit", "13.0.88"])
+    assert proc.returncode == 0, proc.stderr
+    assert stamp(build_dir)["cuda_toolkit"] == "13.0.88"
+    proc, build_dir, _ = garage.build("b1")
+    assert stamp(build_dir)["cuda_toolkit"] == "none"
+
+
+def test_configure_only_configures_and_stops(garage):
+    proc, build_dir, commit = garage.build("b2", options=["--configure-only"])
+    assert proc.returncode == 0, proc.stderr
+    assert "--configure-only: no build, no stamp" in proc.stdout
+    assert (build_dir / "CMakeCache.txt").is_file()
+    assert not (build_dir / "bin" / "llama-server").exists()
+    assert not (build_dir / "stamp").exists()
+    # A later full build of the same folder builds and stamps it.
+    proc, build_dir, _ = garage.build("b2")
+    assert proc.returncode == 0 and stamp(build_dir)["built"] == f"{commit} 0000000000"
 
 
 def test_second_build_folder_hits_the_cache(garage):
