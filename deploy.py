@@ -7,7 +7,7 @@ each task then reads only its host's validated `Rig`, plans from the rig's facts
 from pyinfra import host
 
 from llm_garage.fleet import fleet_for, rig_for
-from tasks import base, engines, gpus, models, opencode, services
+from tasks import base, docs, engines, gpus, models, opencode, services
 
 rig = rig_for(host)
 
@@ -18,3 +18,4 @@ gpus.converge(rig)
 proofs = services.converge(rig, engine_plans, model_plans, engine_changes, model_changes)
 engines.switch_proven(rig, engine_plans, proofs)
 opencode.converge(rig, fleet_for(host.state))
+docs.write(rig, fleet_for(host.state), engine_plans, model_plans)
