@@ -463,6 +463,18 @@ def pending(docs_dir: str | os.PathLike, data: Mapping[str, Any]) -> list[Path]:
     return out
 
 
+def write_markdown(path: Path, data: Mapping[str, Any]) -> bool:
+    """Render `data` into `path` unless it already holds exactly that; True when written."""
+    text = render(data)
+    try:
+        if path.read_text() == text:
+            return False
+    except OSError:
+        pass
+    _atomic_write(path, text)
+    return True
+
+
 def write(docs_dir: str | os.PathLike, data: Mapping[str, Any]) -> list[Path]:
     """Write `<rig>.md` and `<rig>.json` atomically, each only when it changes; returns the
     files written."""
