@@ -482,6 +482,12 @@ class RigData:
                                                 "path is read from the folder pyinfra runs in; "
                                                 "empty = no lock", type="path",
                                       check=optional(is_str(r"[^\s].*", "a file path")))
+    docs_dir: str = setting("docs/rigs", doc="folder on the machine running pyinfra where each "
+                                             "deploy writes the rig document <rig>.md and its "
+                                             "data <rig>.json (rewritten only when they change); "
+                                             "a relative path is read from the folder pyinfra "
+                                             "runs in", type="path",
+                            check=is_str(r"[^\s].*", "a folder path"))
     models_prune: bool = setting(False, doc="delete model folders under models_dir that no "
                                             "model names any more (and the files nothing "
                                             "links to then)", type="bool", check=is_bool)
