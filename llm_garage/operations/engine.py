@@ -7,8 +7,11 @@ only when `current` points elsewhere; pruning only when more builds are kept tha
 
 from __future__ import annotations
 
+import os
+
 from pyinfra import host, logger
 from pyinfra.api import FunctionCommand, QuoteString, StringCommand, operation
+from pyinfra.api.arguments import CONNECTOR_ARGUMENT_KEYS
 from pyinfra.api.exceptions import OperationError
 
 from llm_garage.facts.engine import EngineBuilds, PinRecords, pin_record_line
@@ -64,6 +67,35 @@ def _announce(state, host, plan: BuildPlan) -> bool:
     return True
 
 
+# How the rig-side scripts pace their progress lines, forwarded from the controller's
+# environment: GARAGE_PROGRESS (on/off), GARAGE_PROGRESS_INTERVAL (seconds), GARAGE_PROGRESS_STEP
+# (percent).
+PROGRESS_ENV = ("GARAGE_PROGRESS", "GARAGE_PROGRESS_INTERVAL", "GARAGE_PROGRESS_STEP")
+
+
+def progress_env() -> dict[str, str]:
+    """The progress settings of the controller's environment, for the rig-side scripts."""
+    return {key: os.environ[key] for key in PROGRESS_ENV if os.environ.get(key)}
+
+
+def streamed(host, command: StringCommand, **extra):
+    """Run `command` with this operation's connector arguments, its output shown live with the
+    host's prefix (pyinfra shows a plain command's output only once it ended), and the
+    progress settings in its environment."""
+    arguments = host.current_op_global_arguments or {}
+    kwargs = {key: arguments[key] for key in CONNECTOR_ARGUMENT_KEYS if key in arguments}
+    env = {**(kwargs.get("_env") or {}), **progress_env()}
+    if env:
+        kwargs["_env"] = env
+    kwargs.update(extra)
+    return host.run_shell_command(command, print_output=True, **kwargs)
+
+
+def _build(state, host, command: StringCommand) -> bool:
+    status, _output = streamed(host, command)
+    return bool(status)
+
+
 def _report(state, host, plan: BuildPlan) -> bool:
     stamp_path = f"{plan.build_dir}/stamp"
     ok, output = host.run_shell_command(StringCommand("cat", QuoteString(stamp_path)))
@@ -90,7 +122,8 @@ def build(plan: BuildPlan, script: str):
     Runs only when that folder has no stamp saying this commit and these flags were built;
     the script fetches what is missing into the stable source folder, configures with
     ccache launchers, builds, checks ``llama-server --version`` reports the commit, and
-    writes the stamp last. A failure shows the tail of the build log and its path.
+    writes the stamp last. A failure shows the tail of the build log and its path. While it
+    compiles, the script's progress lines are shown as they come (see ``garage-build``).
 
     **Example:**
 
@@ -104,7 +137,7 @@ def build(plan: BuildPlan, script: str):
         host.noop(f"{plan.engine} {plan.commit[:12]} is already built in {plan.build_dir}")
         return
     yield FunctionCommand(_announce, (plan,), {})
-    yield build_command(plan, script)
+    yield FunctionCommand(_build, (build_command(plan, script),), {})
     yield FunctionCommand(_report, (plan,), {})
 
 
