@@ -7,15 +7,13 @@ only when `current` points elsewhere; pruning only when more builds are kept tha
 
 from __future__ import annotations
 
-import os
-
 from pyinfra import host, logger
 from pyinfra.api import FunctionCommand, QuoteString, StringCommand, operation
-from pyinfra.api.arguments import CONNECTOR_ARGUMENT_KEYS
 from pyinfra.api.exceptions import OperationError
 
 from llm_garage.facts.engine import EngineBuilds, PinRecords, pin_record_line
 from llm_garage.plans.engines import BuildPlan
+from llm_garage.progress import streamed
 
 
 def build_command(plan: BuildPlan, script: str) -> StringCommand:
@@ -67,31 +65,8 @@ def _announce(state, host, plan: BuildPlan) -> bool:
     return True
 
 
-# How the rig-side scripts pace their progress lines, forwarded from the controller's
-# environment: GARAGE_PROGRESS (on/off), GARAGE_PROGRESS_INTERVAL (seconds), GARAGE_PROGRESS_STEP
-# (percent).
-PROGRESS_ENV = ("GARAGE_PROGRESS", "GARAGE_PROGRESS_INTERVAL", "GARAGE_PROGRESS_STEP")
-
-
-def progress_env() -> dict[str, str]:
-    """The progress settings of the controller's environment, for the rig-side scripts."""
-    return {key: os.environ[key] for key in PROGRESS_ENV if os.environ.get(key)}
-
-
-def streamed(host, command: StringCommand, **extra):
-    """Run `command` with this operation's connector arguments, its output shown live with the
-    host's prefix (pyinfra shows a plain command's output only once it ended), and the
-    progress settings in its environment."""
-    arguments = host.current_op_global_arguments or {}
-    kwargs = {key: arguments[key] for key in CONNECTOR_ARGUMENT_KEYS if key in arguments}
-    env = {**(kwargs.get("_env") or {}), **progress_env()}
-    if env:
-        kwargs["_env"] = env
-    kwargs.update(extra)
-    return host.run_shell_command(command, print_output=True, **kwargs)
-
-
 def _build(state, host, command: StringCommand) -> bool:
+    """Run garage-build with its progress lines shown as they come."""
     status, _output = streamed(host, command)
     return bool(status)
 
