@@ -9,7 +9,7 @@ import shlex
 import subprocess
 
 import pytest
-from pyinfra.api import FunctionCommand, StringCommand
+from pyinfra.api import FunctionCommand
 from pyinfra.facts.hardware import Cpus
 
 from lab.standins.engine_repo import serve_git
@@ -436,8 +436,9 @@ def test_build_runs_when_not_stamped_for_this_commit_and_flags(existing):
     state = builds(None, **({plan.key: existing["stamp"]} if existing else {}))
     run = run_op(ops.build, {"engine.EngineBuilds": state}, plan=plan, script=SCRIPT)
     assert run.noops == []
-    assert [type(c) for c in run.commands] == [FunctionCommand, StringCommand, FunctionCommand]
-    argv = shlex.split(run.commands[1].get_raw_value())
+    assert [type(c) for c in run.commands] == [FunctionCommand] * 3
+    assert run.commands[1].function is ops._build
+    argv = shlex.split(run.commands[1].args[0].get_raw_value())
     assert argv[0] == SCRIPT
     assert argv[argv.index("--build-dir") + 1] == plan.build_dir
     assert argv[argv.index("--stamp") + 1] == f"{SHA_B} {plan.flags_hash}"
@@ -513,3 +514,30 @@ def test_parse_stamp():
 
 def test_cpus_fact_is_pyinfras():
     assert Cpus().process(["16"]) == 16
+
+
+class RecordingHost:
+    """Records the shell commands an operation's function runs and their arguments."""
+
+    def __init__(self, global_arguments=None):
+        self.current_op_global_arguments = global_arguments or {}
+        self.calls: list[tuple[str, dict]] = []
+
+    def run_shell_command(self, command, **kwargs):
+        self.calls.append((command.get_raw_value(), kwargs))
+        return True, None
+
+
+def test_build_streams_the_script_output_with_the_progress_settings(monkeypatch):
+    monkeypatch.setenv("GARAGE_PROGRESS_INTERVAL", "5")
+    monkeypatch.setenv("GARAGE_PROGRESS", "off")
+    monkeypatch.delenv("GARAGE_PROGRESS_STEP", raising=False)
+    fake = RecordingHost({"_sudo": True, "_env": {"LANG": "C"}, "_ignore_errors": False})
+    command = build_command(make_plan(), SCRIPT)
+    assert ops._build(None, fake, command) is True
+    [(raw, kwargs)] = fake.calls
+    assert raw == command.get_raw_value()
+    assert kwargs["print_output"] is True and kwargs["_sudo"] is True
+    assert kwargs["_env"] == {"LANG": "C", "GARAGE_PROGRESS_INTERVAL": "5",
+                              "GARAGE_PROGRESS": "off"}
+    assert "_ignore_errors" not in kwargs  # not a connector argument
