@@ -8,7 +8,7 @@ from pyinfra import host
 
 from llm_garage import deploy_lock
 from llm_garage.fleet import fleet_for, rig_for
-from tasks import base, engines, gpus, models, opencode, services
+from tasks import base, docs, engines, gpus, models, opencode, services
 
 rig = rig_for(host)
 # One deploy per rig: each rig's lock is taken before the first operation, released after the last.
@@ -22,3 +22,4 @@ gpus.converge(rig)
 proofs = services.converge(rig, engine_plans, model_plans, engine_changes, model_changes)
 engines.switch_proven(rig, engine_plans, proofs)
 opencode.converge(rig, fleet_for(host.state))
+docs.write(rig, fleet_for(host.state), engine_plans, model_plans)

@@ -47,8 +47,9 @@ def _load_state(path: Path) -> dict:
     return state
 
 
-def _host_data(state: dict) -> dict:
-    """The sandbox host's data: SSH connection from the state, then the llm-garage settings."""
+def _host_data(state: dict, docs_dir: Path | None = None) -> dict:
+    """The sandbox host's data: SSH connection from the state, then the llm-garage settings;
+    the rig document goes to `docs_dir` (beside the state file)."""
     engine, model = state["engine"], state["model"]
     data = dict(state["ssh"])
     if state.get("sudo"):
@@ -86,7 +87,10 @@ def _host_data(state: dict) -> dict:
         },
         "opencode_client": True,
     })
+    if docs_dir is not None:
+        data["docs_dir"] = str(docs_dir)
     return data
 
 
-sandbox = [("sandbox", _host_data(_load_state(_state_path())))]
+_STATE = _state_path()
+sandbox = [("sandbox", _host_data(_load_state(_STATE), _STATE.parent / "docs"))]

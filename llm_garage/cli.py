@@ -151,6 +151,30 @@ def cmd_lock(args) -> int:
     return 0
 
 
+def cmd_docs(args) -> int:
+    inventory = load_inventory(args.inventory)
+    from . import rigdoc
+
+    try:
+        rigs = load_fleet(inventory)
+    except SettingsError as e:
+        print(f"llm-garage: {args.inventory}: {e}", file=sys.stderr)
+        return 1
+    missing = 0
+    for name, rig in sorted(rigs.items()):
+        md, js = rigdoc.doc_paths(rig.data.docs_dir, name)
+        data = rigdoc.load(js)
+        if data is None or data.get("format") != rigdoc.FORMAT:
+            print(f"{name}: no readable {js}: deploy once to collect it", file=sys.stderr)
+            missing += 1
+            continue
+        if rigdoc.write_markdown(md, data):
+            print(f"{name}: wrote {md}")
+        else:
+            print(f"{name}: {md} is up to date")
+    return 1 if missing else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="llm-garage", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -167,6 +191,11 @@ def main(argv: list[str] | None = None) -> int:
                       help="re-resolve these models (all when none is named), e.g. to follow "
                            "a branch; without it, unchanged models keep their pins")
     lock.set_defaults(func=cmd_lock)
+    docs = sub.add_parser("docs", help="render every rig's document (<docs_dir>/<rig>.md) "
+                                       "again from the data the last deploy collected "
+                                       "(<rig>.json); offline, no host contacted")
+    docs.add_argument("inventory", help="pyinfra inventory file, e.g. inventory/garage.py")
+    docs.set_defaults(func=cmd_docs)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -47,7 +47,9 @@ UPSTREAM_REMOTES = {
 DEFAULT_HF_ENDPOINT = "https://huggingface.co"
 SHA_RE = re.compile(r"[0-9a-f]{40}")
 NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
-CMAKE_NAME = r"[A-Z][A-Z0-9_]*"
+# CMake variable names: mostly upper case, but find modules' cache variables are not
+# (CUDA_cublas_LIBRARY, CUDAToolkit_ROOT).
+CMAKE_NAME = r"[A-Za-z][A-Za-z0-9_]*"
 KV_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1", "q6_0")
 IK_ONLY_KV_TYPES = ("q6_0",)
 UNQUANTIZED_KV_TYPES = ("f32", "f16", "bf16")
@@ -159,6 +161,13 @@ class Engine:
                                             "(GGML_CUDA_FA_ALL_QUANTS); needed for quantized "
                                             "or mixed -ctk/-ctv on the GPU", type="bool",
                                   check=is_bool)
+    cuda_toolkit: str = setting(
+        "system", doc="CUDA toolkit to build with: 'system' = nvcc in PATH, else "
+                      "/usr/local/cuda/bin/nvcc; or a release such as '13.0' that this nvcc must "
+                      "be (checked, not installed); its full version is part of the build key",
+        type="'system' | str",
+        check=either(one_of("system"), is_str(r"[0-9]+\.[0-9]+", "a release such as 13.0"),
+                     accepts="'system' or a CUDA release such as '13.0'"))
     cuda_architectures: str | list[str] = setting(
         "auto", doc="CUDA architectures to build for; 'auto' = from the rig's GPUs "
                     "(compute_cap 8.6 -> 86)", type="'auto' | list[str]",
@@ -171,7 +180,7 @@ class Engine:
                               check=one_of("Release", "RelWithDebInfo", "Debug"))
     cmake_extra: dict[str, str] = setting(
         {}, doc="further -D flags, e.g. {'GGML_NATIVE': 'OFF'}", type="dict[str, str]",
-        check=mapping_of(_cmake_value, CMAKE_NAME, "an upper-case CMake variable name"))
+        check=mapping_of(_cmake_value, CMAKE_NAME, "a CMake variable name (letters, digits, _)"))
     build_jobs: str | int = setting("auto", doc="parallel compile jobs; 'auto' = the rig's "
                                                 "core count (lower it if RAM runs out)",
                                     type="'auto' | int",
@@ -200,6 +209,9 @@ class Engine:
             flags["CMAKE_CUDA_ARCHITECTURES"] = ";".join(architectures or [])
         flags["GGML_RPC"] = "ON" if self.rpc else "OFF"
         flags["LLAMA_BUILD_TESTS"] = "OFF"
+        if self.kind == LLAMA_CPP:
+            # Newer configures download a prebuilt web UI at "latest": an unpinned build input.
+            flags["LLAMA_USE_PREBUILT_UI"] = "OFF"
         flags.update(self.cmake_extra)
         return flags
 
@@ -214,8 +226,14 @@ OWNED_CMAKE_FLAGS = {
 }
 
 
-def flags_hash(flags: Mapping[str, str]) -> str:
-    return hashlib.sha256(json.dumps(dict(flags), sort_keys=True).encode()).hexdigest()[:10]
+def flags_hash(flags: Mapping[str, str], cuda_toolkit: str | None = None) -> str:
+    """The build key's second half: the effective -D flags and, for a CUDA build, the full
+    version of the toolkit that compiles it (e.g. 13.0.88), so that a toolkit change builds a
+    new folder. A CPU-only build passes no toolkit: its hash depends on the flags alone."""
+    data = dict(flags)
+    if cuda_toolkit:
+        data["@cuda_toolkit"] = cuda_toolkit
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:10]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -464,6 +482,12 @@ class RigData:
                                                 "path is read from the folder pyinfra runs in; "
                                                 "empty = no lock", type="path",
                                       check=optional(is_str(r"[^\s].*", "a file path")))
+    docs_dir: str = setting("docs/rigs", doc="folder on the machine running pyinfra where each "
+                                             "deploy writes the rig document <rig>.md and its "
+                                             "data <rig>.json (rewritten only when they change); "
+                                             "a relative path is read from the folder pyinfra "
+                                             "runs in", type="path",
+                            check=is_str(r"[^\s].*", "a folder path"))
     models_prune: bool = setting(False, doc="delete model folders under models_dir that no "
                                             "model names any more (and the files nothing "
                                             "links to then)", type="bool", check=is_bool)

@@ -503,8 +503,11 @@ class Fleet:
             "",
         ]
         entries = []
+        path = Path(path)
         for name, data in hosts.items():
-            merged = {**self.connection_data(name), **data}
+            # llm-garage's rig documents go beside the inventory, not into the repository
+            merged = {**self.connection_data(name), "docs_dir": str(path.parent / "docs"),
+                      **data}
             text = repr(merged)
             try:
                 if ast.literal_eval(text) != merged:
@@ -523,7 +526,6 @@ class Fleet:
             if unknown:
                 raise ValueError(f"group {group!r} names unknown hosts {sorted(unknown)}")
             lines.append(f"{group} = {list(members)!r}")
-        path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("\n".join(lines) + "\n")
         return path

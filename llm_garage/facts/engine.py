@@ -94,21 +94,78 @@ def parse_nvcc_version(lines: list[str]) -> tuple[int, int] | None:
     return None
 
 
+def parse_nvcc_release(lines: list[str]) -> str | None:
+    """`Cuda compilation tools, release 12.4, V12.4.131` -> "12.4.131": the full version, which
+    changes with every toolkit update (the release alone does not)."""
+    for line in lines:
+        m = re.search(r"release \d+\.\d+, V(\d+\.\d+(?:\.\d+)*)", line)
+        if m:
+            return m.group(1)
+    return None
+
+
+def parse_gpu_arch_list(lines: list[str]) -> list[str]:
+    """`nvcc --list-gpu-arch` lines (`compute_86`, `compute_120`, ...) -> ["86", "120", ...]."""
+    return [m.group(1) for line in lines if (m := re.fullmatch(r"compute_(\d+)[af]?",
+                                                                   line.strip()))]
+
+
 class CudaToolkit(FactBase):
-    """The CUDA compiler: `{"nvcc": path, "version": (major, minor) | None}` for the first of
-    `nvcc` in PATH and /usr/local/cuda/bin/nvcc; `None` when there is none."""
+    """The CUDA compiler and what it can do, for the first of `nvcc` in PATH and
+    /usr/local/cuda/bin/nvcc; `None` when there is none. Otherwise:
+
+    - `nvcc`: its path; `root`: the toolkit folder (the parent of the bin/ folder that
+      `nvcc --dryrun` names, else of the resolved nvcc's);
+    - `version`: (major, minor) | None and `release`: the full version ("13.0.88") | None,
+      from `nvcc --version`;
+    - `arches`: the architectures `nvcc --list-gpu-arch` lists (["75", "80", "86", ...]), or
+      None when it cannot say (an nvcc older than 11.0, or one that fails);
+    - `cublas`: the cuBLAS files found where toolkits keep their libraries: NVIDIA's packages
+      (lib64, targets/<triple>/lib), the PyPI wheels (lib), Debian's nvidia-cuda-toolkit (the
+      multiarch folder)."""
 
     command = (
-        "for n in \"$(command -v nvcc 2>/dev/null)\" /usr/local/cuda/bin/nvcc; do "
-        "if [ -n \"$n\" ] && [ -x \"$n\" ]; then echo \"nvcc=$n\"; \"$n\" --version 2>&1; "
-        "break; fi; done; true"
+        'n=""; for c in "$(command -v nvcc 2>/dev/null)" /usr/local/cuda/bin/nvcc; do '
+        'if [ -n "$c" ] && [ -x "$c" ]; then n=$c; break; fi; done; '
+        '[ -n "$n" ] || exit 0; '
+        # nvcc may be a wrapper script: its own dry run names the folder it lives in, as
+        # CMake's FindCUDAToolkit reads it too.
+        'here=$("$n" --dryrun -E -x cu /dev/null -o /dev/null 2>&1 | '
+        "sed -n 's/^#\\$ _HERE_=//p' | head -n1); "
+        'if [ -n "$here" ]; then root=$(dirname "$here"); '
+        'else root=$(dirname "$(dirname "$(readlink -f "$n")")"); fi; '
+        'echo "nvcc=$n"; echo "root=$root"; "$n" --version 2>&1; '
+        'echo "--- list-gpu-arch"; "$n" --list-gpu-arch 2>&1; echo "exit=$?"; '
+        'echo "--- cublas"; for d in "$root/lib64" "$root/lib" "$root"/targets/*/lib '
+        '/usr/lib/*-linux-gnu; do for f in "$d"/libcublas.so "$d"/libcublas.so.*; do '
+        '[ -e "$f" ] && echo "$f"; done; done; true'
     )
 
     def process(self, output):
-        lines = [line.strip() for line in output]
+        lines = [line.rstrip("\n") for line in output]
         if not lines or not lines[0].startswith("nvcc="):
             return None
-        return {"nvcc": lines[0][len("nvcc="):], "version": parse_nvcc_version(lines[1:])}
+        head, arch, cublas = _sections(lines, ("--- list-gpu-arch", "--- cublas"))
+        root = next((ln[len("root="):] for ln in head if ln.startswith("root=")), None)
+        arch_lines, status = split_exit(arch)
+        arches = parse_gpu_arch_list(arch_lines) if status == 0 else []
+        return {"nvcc": lines[0][len("nvcc="):], "root": root,
+                "version": parse_nvcc_version(head), "release": parse_nvcc_release(head),
+                "arches": arches or None,
+                "cublas": sorted({ln.strip() for ln in cublas if ln.strip()})}
+
+
+def _sections(lines: list[str], markers: tuple[str, ...]) -> list[list[str]]:
+    """Split `lines` at each marker line, in order: len(markers) + 1 lists."""
+    out: list[list[str]] = [[]]
+    pending = list(markers)
+    for line in lines:
+        if pending and line.strip() == pending[0]:
+            pending.pop(0)
+            out.append([])
+        else:
+            out[-1].append(line)
+    return out + [[] for _ in pending]
 
 
 # --- builds on disk --------------------------------------------------------------------------

@@ -100,3 +100,25 @@ class GpuComputeCaps(FactBase):
         if status:
             return {"caps": [], "error": " ".join(lines) or f"nvidia-smi exited {status}"}
         return {"caps": lines, "error": None}
+
+
+# --- driver ------------------------------------------------------------------------------------
+
+class NvidiaDriver(FactBase):
+    """The NVIDIA driver's version as nvidia-smi reports it: `{"version": "570.172.08",
+    "error": None}`, `{"version": None, "error": "<message>"}` when nvidia-smi fails (no
+    driver loaded), `None` when nvidia-smi is not installed."""
+
+    def requires_command(self, *args, **kwargs) -> str:
+        return "nvidia-smi"
+
+    command = "nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>&1; echo exit=$?"
+
+    def process(self, output):
+        lines, status = split_exit(output)
+        lines = [line.strip() for line in lines if line.strip()]
+        version = lines[0] if lines and re.fullmatch(r"\d+(\.\d+)+", lines[0]) else None
+        if status or version is None:
+            return {"version": None,
+                    "error": " ".join(lines) or f"nvidia-smi exited {status}"}
+        return {"version": version, "error": None}

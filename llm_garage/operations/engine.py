@@ -13,6 +13,7 @@ from pyinfra.api.exceptions import OperationError
 
 from llm_garage.facts.engine import EngineBuilds, PinRecords, pin_record_line
 from llm_garage.plans.engines import BuildPlan
+from llm_garage.progress import streamed
 
 
 def build_command(plan: BuildPlan, script: str) -> StringCommand:
@@ -35,6 +36,8 @@ def build_command(plan: BuildPlan, script: str) -> StringCommand:
     opt("--ccache-base", plan.ccache_base)
     if plan.nvcc:
         opt("--nvcc", plan.nvcc)
+    if plan.cuda_toolkit:
+        opt("--cuda-toolkit", plan.cuda_toolkit)
     for target in plan.targets:
         opt("--target", target)
     bits.append("--")
@@ -64,6 +67,12 @@ def _announce(state, host, plan: BuildPlan) -> bool:
     return True
 
 
+def _build(state, host, command: StringCommand) -> bool:
+    """Run garage-build with its progress lines shown as they come."""
+    status, _output = streamed(host, command)
+    return bool(status)
+
+
 def _report(state, host, plan: BuildPlan) -> bool:
     stamp_path = f"{plan.build_dir}/stamp"
     ok, output = host.run_shell_command(StringCommand("cat", QuoteString(stamp_path)))
@@ -90,7 +99,8 @@ def build(plan: BuildPlan, script: str):
     Runs only when that folder has no stamp saying this commit and these flags were built;
     the script fetches what is missing into the stable source folder, configures with
     ccache launchers, builds, checks ``llama-server --version`` reports the commit, and
-    writes the stamp last. A failure shows the tail of the build log and its path.
+    writes the stamp last. A failure shows the tail of the build log and its path. While it
+    compiles, the script's progress lines are shown as they come (see ``garage-build``).
 
     **Example:**
 
@@ -104,7 +114,7 @@ def build(plan: BuildPlan, script: str):
         host.noop(f"{plan.engine} {plan.commit[:12]} is already built in {plan.build_dir}")
         return
     yield FunctionCommand(_announce, (plan,), {})
-    yield build_command(plan, script)
+    yield FunctionCommand(_build, (build_command(plan, script),), {})
     yield FunctionCommand(_report, (plan,), {})
 
 

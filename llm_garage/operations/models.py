@@ -27,7 +27,6 @@ import posixpath
 
 from pyinfra import host, logger
 from pyinfra.api import FunctionCommand, QuoteString, StringCommand, operation
-from pyinfra.api.arguments import CONNECTOR_ARGUMENT_KEYS
 from pyinfra.api.exceptions import OperationError
 
 from llm_garage import hf
@@ -42,6 +41,7 @@ from llm_garage.facts.models import (
     stamp_path,
 )
 from llm_garage.layout import blob_path
+from llm_garage.progress import streamed
 
 
 def _fetch_command(python: str, fetcher: str, path: str, snapshot: str, blobs: str,
@@ -64,13 +64,12 @@ def _fetch_command(python: str, fetcher: str, path: str, snapshot: str, blobs: s
 
 
 def _run_fetcher(state, host, command: StringCommand, send_token: bool, announce: str) -> bool:
-    """Run garage-fetch with its output shown live (per-file progress), the token on stdin."""
+    """Run garage-fetch with its output shown live (per-file progress), the token on stdin.
+    Never with a pseudo-terminal: it would echo the token into the output."""
     logger.info(f"{host.print_prefix}{announce}")
-    arguments = host.current_op_global_arguments or {}
-    kwargs = {key: arguments[key] for key in CONNECTOR_ARGUMENT_KEYS if key in arguments}
     token = hf.token() if send_token else None
-    kwargs["_stdin"] = f"{token}\n" if token else None
-    status, _output = host.run_shell_command(command, print_output=True, **kwargs)
+    status, _output = streamed(host, command, _stdin=f"{token}\n" if token else None,
+                               _get_pty=False)
     return bool(status)
 
 

@@ -1,9 +1,10 @@
 """The engine plan: per engine, the commit its pin resolves to on the rig, the architectures
 to build for and the exact cmake flags, checked against the rig's CUDA toolkit and GPUs.
 
-A tag that does not exist or moved, a branch given as a pin, a missing or too old CUDA
-toolkit: each is a problem naming the host, the engine and the fix, raised before any
-operation runs."""
+A tag that does not exist or moved, a branch given as a pin, a missing CUDA toolkit, one
+that cannot compile an architecture (its own `nvcc --list-gpu-arch`), a driver older than the
+toolkit needs, a toolkit without cuBLAS: each is a problem naming the host, the engine and the
+fix, raised before any operation runs."""
 
 from __future__ import annotations
 
@@ -19,15 +20,29 @@ from pyinfra.api.exceptions import DeployError
 from pyinfra.facts.hardware import Cpus
 
 from llm_garage.facts.engine import CudaToolkit, GitRemoteRefs, PinRecords, parse_ls_remote
-from llm_garage.facts.gpu import GpuComputeCaps
+from llm_garage.facts.gpu import GpuComputeCaps, NvidiaDriver
 from llm_garage.settings import Engine, Rig, flags_hash
 
 # Oldest CUDA toolkit that compiles for an architecture (its number without a/f/-real suffix).
-# Architectures not listed compile with any toolkit that has a Blackwell-free default.
+# Only a fallback: the toolkit's own `nvcc --list-gpu-arch` decides when it can be read (CUDA
+# 11.0 and newer); this table is used, and the run says so, for a compiler that cannot list.
 MIN_CUDA = {
     "87": (11, 4), "89": (11, 8), "90": (12, 0),
     "100": (12, 8), "101": (12, 8), "120": (12, 8),
     "103": (12, 9), "121": (12, 9),
+}
+# Oldest Linux x86_64 driver each CUDA release needs: the "Toolkit Driver Version" of the
+# release's GA in NVIDIA's CUDA Toolkit Release Notes, table "CUDA Toolkit and Corresponding
+# Driver Versions" (https://docs.nvidia.com/cuda/cuda-toolkit-release-notes/, and the archived
+# notes of each release under https://docs.nvidia.com/cuda/archive/). A release newer than the
+# table is held to the newest entry of its major (a floor, not a guess above it); releases
+# older than the table are not checked.
+MIN_DRIVER = {
+    (11, 8): "520.61.05",
+    (12, 0): "525.60.13", (12, 1): "530.30.02", (12, 2): "535.54.03", (12, 3): "545.23.06",
+    (12, 4): "550.54.14", (12, 5): "555.42.02", (12, 6): "560.28.03", (12, 8): "570.26",
+    (12, 9): "575.51.03",
+    (13, 0): "580.65.06",
 }
 CUDA_INSTALL_HINT = (
     "install the CUDA toolkit (NVIDIA's cuda-toolkit-12-8 or newer package, which puts nvcc in "
@@ -61,6 +76,37 @@ def cuda_too_old(architectures: list[str], version: tuple[int, int]) -> list[tup
         if need and version < need:
             out.append((arch, f"{need[0]}.{need[1]}"))
     return out
+
+
+def arch_number(arch: str) -> str:
+    """"120a-real" -> "120": the architecture as `nvcc --list-gpu-arch` names it."""
+    m = re.match(r"\d+", arch)
+    return m.group(0) if m else arch
+
+
+def not_in_arch_list(architectures: list[str], listed: list[str]) -> list[str]:
+    """The architectures this compiler's `--list-gpu-arch` does not name."""
+    return [a for a in architectures if arch_number(a) not in listed]
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in re.findall(r"\d+", text))
+
+
+def min_driver(version: tuple[int, int]) -> str | None:
+    """Oldest driver for this CUDA release (MIN_DRIVER), or None when the table cannot say."""
+    if version in MIN_DRIVER:
+        return MIN_DRIVER[version]
+    same_major = [v for v in MIN_DRIVER if v[0] == version[0] and v < version]
+    return MIN_DRIVER[max(same_major)] if same_major else None
+
+
+def driver_too_old(driver: str, version: tuple[int, int]) -> str | None:
+    """The driver this CUDA release needs when `driver` is older, else None."""
+    need = min_driver(version)
+    if need and _version_tuple(driver) < _version_tuple(need):
+        return need
+    return None
 
 
 def architectures_from_caps(caps: list[str]) -> list[str]:
@@ -105,6 +151,7 @@ class BuildPlan:
     ccache_dir: str
     ccache_base: str  # ccache base_dir: absolute paths under it are hashed relative
     nvcc: str | None = None
+    cuda_toolkit: str | None = None  # the full version nvcc reports, part of flags_hash
     targets: tuple[str, ...] = ("llama-server",)
     keep_builds: int = 3  # builds kept on disk for rollback, this one included
     records_tag: bool = False  # a tag pin: record its commit so a moved tag is noticed
@@ -133,6 +180,8 @@ class BuildPlan:
         pin = self.ref if self.ref == self.commit else f"{self.ref} = {self.commit[:12]}"
         arches = ("CUDA architectures " + ";".join(self.architectures)
                   if self.architectures else "CPU only")
+        if self.cuda_toolkit:
+            arches += f" with CUDA {self.cuda_toolkit}"
         return f"{self.engine} ({self.kind} {pin}), {arches}, -j {self.jobs}"
 
 
@@ -233,12 +282,77 @@ def _architectures(engine: Engine, get_fact: GetFact, problem) -> list[str] | No
         return None
 
 
+def _release(toolkit: dict) -> str:
+    """The toolkit's full version ("13.0.88"), else its release ("13.0")."""
+    return toolkit.get("release") or ".".join(str(v) for v in toolkit["version"])
+
+
+def _check_toolkit(where: str, engine: Engine, toolkit: dict, arches: list[str], driver: dict,
+                   problem) -> None:
+    """The toolkit's own answers against what this engine builds: the pinned release, every
+    architecture, the driver it needs, cuBLAS."""
+    nvcc, version = toolkit["nvcc"], toolkit["version"]
+    if version is None:
+        problem(f"cannot read the CUDA version from {nvcc} --version", CUDA_INSTALL_HINT)
+        return
+    release = ".".join(str(v) for v in version)
+    if engine.cuda_toolkit != "system" and engine.cuda_toolkit != release:
+        problem(f"cuda_toolkit is {engine.cuda_toolkit} but {nvcc} is CUDA "
+                f"{_release(toolkit)}", f"install CUDA {engine.cuda_toolkit} on the rig (nvcc in "
+                "PATH or /usr/local/cuda/bin), or set cuda_toolkit to "
+                f"{release!r} or 'system'")
+    listed = toolkit.get("arches")
+    if listed:
+        for arch in not_in_arch_list(arches, listed):
+            older = int(arch_number(arch)) < min(int(a) for a in listed)
+            need = MIN_CUDA.get(arch_number(arch))
+            fix = (f"build with an older CUDA toolkit (CUDA {version[0]} starts at "
+                   f"compute_{min(listed, key=int)}), or drop {arch}" if older else
+                   f"install CUDA {need[0]}.{need[1]} or newer, or drop {arch}" if need else
+                   f"install a CUDA toolkit whose nvcc --list-gpu-arch lists compute_"
+                   f"{arch_number(arch)}, or drop {arch}")
+            problem(f"architecture {arch} is not in `{nvcc} --list-gpu-arch` (CUDA {release}: "
+                    f"{', '.join(listed)})", fix)
+    else:
+        logger.warning(f"--> {where}: {nvcc} "
+                       "--list-gpu-arch gave no list; architectures checked against "
+                       "llm-garage's table of the oldest CUDA per architecture instead")
+        for arch, need in cuda_too_old(arches, version):
+            problem(f"architecture {arch} needs CUDA >= {need}, but {nvcc} is CUDA "
+                    f"{version[0]}.{version[1]}", f"install CUDA {need} or newer, or drop {arch}")
+    if driver["version"]:
+        need = driver_too_old(driver["version"], version)
+        if need:
+            problem(f"CUDA {release} needs NVIDIA driver >= {need}, but the rig's driver is "
+                    f"{driver['version']}", f"upgrade the NVIDIA driver to {need} or newer, or "
+                    "build with an older CUDA toolkit")
+    else:
+        logger.warning(f"--> {where}: NVIDIA driver not checked against CUDA {release}: "
+                       f"{driver['error']}")
+    cublas = toolkit.get("cublas") or []
+    names = {c.rsplit("/", 1)[-1] for c in cublas}
+    if "libcublas.so" not in names and "CUDA_cublas_LIBRARY" not in engine.cmake_extra:
+        root = toolkit.get("root") or "the toolkit"
+        if cublas:
+            problem(f"cuBLAS has no unversioned libcublas.so link, which CMake looks for "
+                    f"(found {', '.join(cublas)})",
+                    f"link libcublas.so and libcublasLt.so to their .so.{version[0]} files, or "
+                    "name them in cmake_extra (CUDA_cublas_LIBRARY, CUDA_cublasLt_LIBRARY)")
+        else:
+            problem(f"no cuBLAS (libcublas.so) in {root}'s lib64, lib or targets/*/lib, which "
+                    "GGML_CUDA needs", f"install cuBLAS for CUDA {version[0]} (NVIDIA's "
+                    f"libcublas-dev-{version[0]}-{version[1]} package, or the nvidia-cublas "
+                    "wheel), or name it in cmake_extra (CUDA_cublas_LIBRARY, "
+                    "CUDA_cublasLt_LIBRARY)")
+
+
 def plan(rig: Rig, get_fact: GetFact) -> list[BuildPlan]:
     """One BuildPlan per engine, from facts read on the rig; raises EngineError listing every
     problem of this rig (nothing has run yet when it does)."""
     problems: list[str] = []
     plans = []
     toolkit: dict | None = None
+    driver: dict | None = None
     for name, engine in sorted(rig.engines.items()):
         found = len(problems)
 
@@ -253,29 +367,27 @@ def plan(rig: Rig, get_fact: GetFact) -> list[BuildPlan]:
                 problem("GGML_CUDA=ON needs nvcc, found neither in PATH nor in "
                         "/usr/local/cuda/bin", f"{CUDA_INSTALL_HINT}, or set cuda: false")
             arches = _architectures(engine, get_fact, problem)
-            if toolkit and arches:
-                version = toolkit["version"]
-                if version is None:
-                    problem(f"cannot read the CUDA version from {toolkit['nvcc']} --version",
-                            CUDA_INSTALL_HINT)
-                else:
-                    for arch, need in cuda_too_old(arches, version):
-                        problem(f"architecture {arch} needs CUDA >= {need}, but "
-                                f"{toolkit['nvcc']} is CUDA {version[0]}.{version[1]}",
-                                f"install CUDA {need} or newer, or drop {arch}")
+            if toolkit:
+                if driver is None:
+                    driver = get_fact(NvidiaDriver) or {"version": None,
+                                                        "error": "nvidia-smi is not installed"}
+                _check_toolkit(f"{rig.name}: engines.{name}", engine, toolkit, arches or [],
+                               driver, problem)
         if len(problems) > found or commit is None:
             continue
         jobs = engine.build_jobs if isinstance(engine.build_jobs, int) else get_fact(Cpus) or 1
         flags = engine.cmake_flags(arches)
+        release = _release(toolkit) if engine.cuda and toolkit else None
         targets = ("llama-server", "rpc-server") if engine.rpc else ("llama-server",)
         plans.append(BuildPlan(
             engine=name, kind=engine.kind, ref=engine.ref, commit=commit,
             remote=engine.git_remote, fetch=fetch_specs(engine, commit),
             source_dir=rig.layout.engine_source_dir(name),
             builds_dir=rig.layout.engine_builds_dir(name),
-            flags=tuple(flags.items()), flags_hash=flags_hash(flags),
+            flags=tuple(flags.items()), flags_hash=flags_hash(flags, release),
             architectures=tuple(arches or ()), jobs=int(jobs), ccache_dir=rig.layout.ccache_dir,
-            ccache_base=rig.data.garage_root, nvcc=toolkit["nvcc"] if engine.cuda else None,
+            ccache_base=rig.data.garage_root,
+            nvcc=toolkit["nvcc"] if engine.cuda and toolkit else None, cuda_toolkit=release,
             targets=targets, keep_builds=engine.keep_builds,
             records_tag=engine.ref != commit and not engine.follow,
         ))

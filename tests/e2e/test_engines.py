@@ -62,10 +62,13 @@ def data(gpu_count=0, **engines):
     return {"gpu_count": gpu_count, "engines": engines}
 
 
-def expected_key(host_data, name, commit, arches):
+def expected_key(host_data, name, commit, arches, toolkit="12.8.93"):
+    """The build folder: a CUDA build's key holds the full version the fake nvcc reports."""
     rig, errors = load_rig("x", host_data)
     assert errors == []
-    return f"{commit[:12]}-{flags_hash(rig.engines[name].cmake_flags(arches))}"
+    engine = rig.engines[name]
+    return (f"{commit[:12]}-"
+            f"{flags_hash(engine.cmake_flags(arches), toolkit if engine.cuda else None)}")
 
 
 def sh(rig, cmd):

@@ -9,7 +9,7 @@ import shlex
 import subprocess
 
 import pytest
-from pyinfra.api import FunctionCommand, StringCommand
+from pyinfra.api import FunctionCommand
 from pyinfra.facts.hardware import Cpus
 
 from lab.standins.engine_repo import serve_git
@@ -19,9 +19,10 @@ from llm_garage.facts.engine import (
     GitRemoteRefs,
     PinRecords,
     parse_ls_remote,
+    parse_nvcc_release,
     parse_nvcc_version,
 )
-from llm_garage.facts.gpu import GpuComputeCaps
+from llm_garage.facts.gpu import GpuComputeCaps, NvidiaDriver
 from llm_garage.operations import engine as ops
 from llm_garage.operations.engine import build_command, builds_to_prune, parse_stamp
 from llm_garage.plans.engines import (
@@ -95,9 +96,33 @@ def test_pin_records():
 def test_nvcc_version_parsed():
     assert parse_nvcc_version(NVCC_12_4) == (12, 4)
     assert parse_nvcc_version(["nvcc fatal: whatever"]) is None
-    tk = CudaToolkit().process(["nvcc=/usr/local/cuda/bin/nvcc", *NVCC_12_4])
-    assert tk == {"nvcc": "/usr/local/cuda/bin/nvcc", "version": (12, 4)}
+    assert parse_nvcc_release(NVCC_12_4) == "12.4.131"
     assert CudaToolkit().process([]) is None
+
+
+def test_toolkit_fact_reads_version_arch_list_and_cublas():
+    out = ["nvcc=/usr/local/cuda/bin/nvcc", "root=/usr/local/cuda-12.4", *NVCC_12_4,
+           "--- list-gpu-arch", "compute_50", "compute_86", "compute_90", "exit=0",
+           "--- cublas", "/usr/local/cuda-12.4/lib64/libcublas.so",
+           "/usr/local/cuda-12.4/lib64/libcublas.so.12"]
+    assert CudaToolkit().process(out) == {
+        "nvcc": "/usr/local/cuda/bin/nvcc", "root": "/usr/local/cuda-12.4", "version": (12, 4),
+        "release": "12.4.131", "arches": ["50", "86", "90"],
+        "cublas": ["/usr/local/cuda-12.4/lib64/libcublas.so",
+                   "/usr/local/cuda-12.4/lib64/libcublas.so.12"]}
+    # A compiler that cannot list (the option is CUDA 11.0+, or it fails): no list, no guess.
+    out = ["nvcc=/x/nvcc", "root=/x", *NVCC_12_4, "--- list-gpu-arch",
+           "nvcc fatal   : Unknown option '--list-gpu-arch'", "exit=1", "--- cublas"]
+    tk = CudaToolkit().process(out)
+    assert tk["arches"] is None and tk["cublas"] == [] and tk["version"] == (12, 4)
+
+
+def test_driver_fact():
+    assert NvidiaDriver().process(["570.172.08", "570.172.08", "exit=0"]) == {
+        "version": "570.172.08", "error": None}
+    failed = NvidiaDriver().process(["NVIDIA-SMI has failed because it couldn't communicate "
+                                     "with the NVIDIA driver.", "exit=9"])
+    assert failed["version"] is None and "NVIDIA-SMI has failed" in failed["error"]
 
 
 def test_compute_caps():
@@ -165,13 +190,25 @@ def rig_for(engine: dict, **data):
     return rig
 
 
+# What CUDA 12.8's nvcc --list-gpu-arch prints (compute_50 ... compute_120).
+ARCHES_12_8 = ["50", "52", "53", "60", "61", "62", "70", "72", "75", "80", "86", "87", "89",
+               "90", "100", "101", "120"]
+
+
+def toolkit_12_8(**changes):
+    return {"nvcc": "/usr/local/cuda/bin/nvcc", "root": "/usr/local/cuda-12.8",
+            "version": (12, 8), "release": "12.8.93", "arches": ARCHES_12_8,
+            "cublas": ["/usr/local/cuda-12.8/lib64/libcublas.so",
+                       "/usr/local/cuda-12.8/lib64/libcublas.so.12"], **changes}
+
+
 class Facts:
     """Answers get_fact(cls, **kwargs) from a table keyed by fact class name."""
 
     def __init__(self, **table):
-        self.table = {"Cpus": 16, "PinRecords": {},
-                      "CudaToolkit": {"nvcc": "/usr/local/cuda/bin/nvcc", "version": (12, 8)},
-                      "GpuComputeCaps": {"caps": ["8.6"] * 6, "error": None}, **table}
+        self.table = {"Cpus": 16, "PinRecords": {}, "CudaToolkit": toolkit_12_8(),
+                      "GpuComputeCaps": {"caps": ["8.6"] * 6, "error": None},
+                      "NvidiaDriver": {"version": "570.172.08", "error": None}, **table}
         self.asked: list[tuple[str, dict]] = []
 
     def __call__(self, cls, **kwargs):
@@ -190,7 +227,8 @@ def test_plan_tag_with_auto_architectures():
     assert plan.commit == SHA_B and plan.architectures == ("86",)
     flags = dict(plan.flags)
     assert flags["CMAKE_CUDA_ARCHITECTURES"] == "86" and flags["GGML_CUDA"] == "ON"
-    assert plan.key == f"0123456789ab-{flags_hash(flags)}"
+    assert plan.key == f"0123456789ab-{flags_hash(flags, '12.8.93')}"
+    assert plan.cuda_toolkit == "12.8.93"
     assert plan.build_dir == f"/opt/llm-garage/builds/llama/{plan.key}"
     assert plan.source_dir == "/opt/llm-garage/src/llama"
     assert plan.jobs == 16 and plan.nvcc == "/usr/local/cuda/bin/nvcc"
@@ -322,9 +360,9 @@ def test_missing_nvcc_says_what_to_install():
     assert "or set cuda: false" in text
 
 
-def test_blackwell_needs_cuda_12_8():
+def test_blackwell_needs_cuda_12_8_by_the_table_when_nvcc_cannot_list():
     facts = Facts(GitRemoteRefs=refs(f"{SHA_B}\trefs/tags/b8137"),
-                  CudaToolkit={"nvcc": "/usr/local/cuda/bin/nvcc", "version": (12, 4)},
+                  CudaToolkit=toolkit_12_8(version=(12, 4), release="12.4.131", arches=None),
                   GpuComputeCaps={"caps": ["12.0"], "error": None})
     text = problems_for({"ref": "b8137"}, facts, gpu_count=1)
     assert "architecture 120 needs CUDA >= 12.8, but /usr/local/cuda/bin/nvcc is CUDA 12.4" \
@@ -398,8 +436,9 @@ def test_build_runs_when_not_stamped_for_this_commit_and_flags(existing):
     state = builds(None, **({plan.key: existing["stamp"]} if existing else {}))
     run = run_op(ops.build, {"engine.EngineBuilds": state}, plan=plan, script=SCRIPT)
     assert run.noops == []
-    assert [type(c) for c in run.commands] == [FunctionCommand, StringCommand, FunctionCommand]
-    argv = shlex.split(run.commands[1].get_raw_value())
+    assert [type(c) for c in run.commands] == [FunctionCommand] * 3
+    assert run.commands[1].function is ops._build
+    argv = shlex.split(run.commands[1].args[0].get_raw_value())
     assert argv[0] == SCRIPT
     assert argv[argv.index("--build-dir") + 1] == plan.build_dir
     assert argv[argv.index("--stamp") + 1] == f"{SHA_B} {plan.flags_hash}"
@@ -475,3 +514,30 @@ def test_parse_stamp():
 
 def test_cpus_fact_is_pyinfras():
     assert Cpus().process(["16"]) == 16
+
+
+class RecordingHost:
+    """Records the shell commands an operation's function runs and their arguments."""
+
+    def __init__(self, global_arguments=None):
+        self.current_op_global_arguments = global_arguments or {}
+        self.calls: list[tuple[str, dict]] = []
+
+    def run_shell_command(self, command, **kwargs):
+        self.calls.append((command.get_raw_value(), kwargs))
+        return True, None
+
+
+def test_build_streams_the_script_output_with_the_progress_settings(monkeypatch):
+    monkeypatch.setenv("GARAGE_PROGRESS_INTERVAL", "5")
+    monkeypatch.setenv("GARAGE_PROGRESS", "off")
+    monkeypatch.delenv("GARAGE_PROGRESS_STEP", raising=False)
+    fake = RecordingHost({"_sudo": True, "_env": {"LANG": "C"}, "_ignore_errors": False})
+    command = build_command(make_plan(), SCRIPT)
+    assert ops._build(None, fake, command) is True
+    [(raw, kwargs)] = fake.calls
+    assert raw == command.get_raw_value()
+    assert kwargs["print_output"] is True and kwargs["_sudo"] is True
+    assert kwargs["_env"] == {"LANG": "C", "GARAGE_PROGRESS_INTERVAL": "5",
+                              "GARAGE_PROGRESS": "off"}
+    assert "_ignore_errors" not in kwargs  # not a connector argument

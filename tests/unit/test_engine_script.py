@@ -5,6 +5,7 @@ verify `llama-server --version`, stamp last, ccache across build folders, failur
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -81,7 +82,8 @@ class Garage:
         self.root = root
         self.remote = remote
 
-    def build(self, tag: str, *, key: str | None = None, cmake_args=(), fetch=None):
+    def build(self, tag: str, *, key: str | None = None, cmake_args=(), fetch=None,
+              options=(), env=None):
         commit = git(self.remote, "rev-parse", f"{tag}^{{commit}}")
         key = key or f"{commit[:12]}-0000000000"
         build_dir = self.root / "builds" / "llama" / key
@@ -93,8 +95,9 @@ class Garage:
                 "--ccache-base", str(self.root)]
         for spec in fetch:
             argv += ["--fetch", spec]
-        argv += ["--", "-DCMAKE_BUILD_TYPE=Release", *cmake_args]
-        proc = subprocess.run(argv, capture_output=True, text=True)
+        argv += [*options, "--", "-DCMAKE_BUILD_TYPE=Release", *cmake_args]
+        proc = subprocess.run(argv, capture_output=True, text=True,
+                              env={**os.environ, **(env or {})})
         return proc, build_dir, commit
 
 
@@ -126,6 +129,26 @@ def test_builds_a_tag_with_the_right_build_number(garage):
     source = garage.root / "src" / "llama"
     assert not (source / ".git" / "shallow").exists()
     assert git(source, "rev-parse", "HEAD") == commit
+
+
+def test_the_stamp_names_the_cuda_toolkit(garage):
+    proc, build_dir, _ = garage.build("b2", options=["--cuda-toolkit", "13.0.88"])
+    assert proc.returncode == 0, proc.stderr
+    assert stamp(build_dir)["cuda_toolkit"] == "13.0.88"
+    proc, build_dir, _ = garage.build("b1")
+    assert stamp(build_dir)["cuda_toolkit"] == "none"
+
+
+def test_configure_only_configures_and_stops(garage):
+    proc, build_dir, commit = garage.build("b2", options=["--configure-only"])
+    assert proc.returncode == 0, proc.stderr
+    assert "--configure-only: no build, no stamp" in proc.stdout
+    assert (build_dir / "CMakeCache.txt").is_file()
+    assert not (build_dir / "bin" / "llama-server").exists()
+    assert not (build_dir / "stamp").exists()
+    # A later full build of the same folder builds and stamps it.
+    proc, build_dir, _ = garage.build("b2")
+    assert proc.returncode == 0 and stamp(build_dir)["built"] == f"{commit} 0000000000"
 
 
 def test_second_build_folder_hits_the_cache(garage):
@@ -228,3 +251,84 @@ def test_a_build_running_holds_off_a_second_one(garage):
     finally:
         holder.kill()
         holder.wait()
+
+
+# --- progress while compiling -------------------------------------------------------------------
+
+PROGRESS = re.compile(r"^garage-build: llama (compiling|compiled): (.*)$")
+
+
+def progress_lines(stdout: str) -> list[tuple[str, str]]:
+    return [m.groups() for m in map(PROGRESS.match, stdout.splitlines()) if m]
+
+
+def test_progress_lines_grow_to_the_total_and_the_log_keeps_every_line(garage):
+    proc, build_dir, _ = garage.build("b2", env={"GARAGE_PROGRESS_INTERVAL": "0"})
+    assert proc.returncode == 0, proc.stderr
+    lines = progress_lines(proc.stdout)
+    # Makefiles: four steps, 25 % each; every 10 % step gets its line at interval 0
+    assert [kind for kind, _ in lines] == ["compiling"] * 3 + ["compiled"]
+    percents = [int(text.split(" %")[0]) for _, text in lines]
+    assert percents == [25, 50, 75, 100]
+    assert "elapsed, about " in lines[0][1] and " left, ccache hits " in lines[0][1]
+    assert re.fullmatch(r"100 % \(4 steps done\) in \d+ s, ccache hits 0/2", lines[-1][1])
+    log = (build_dir / "build.log").read_text()
+    assert "[ 25%] Building C object" in log and "[100%] Built target llama-server" in log
+    assert "compiling:" not in log  # progress goes to the output only
+    # the same build from the cache says so; quiet mode prints no progress at all
+    proc, _, commit = garage.build("b2", key="second-0000000000",
+                                   env={"GARAGE_PROGRESS_INTERVAL": "0"})
+    assert progress_lines(proc.stdout)[-1][1].endswith("ccache hits 2/2")
+    proc, _, _ = garage.build("b2", key="third-0000000000",
+                              env={"GARAGE_PROGRESS_INTERVAL": "0", "GARAGE_PROGRESS": "off"})
+    assert proc.returncode == 0 and progress_lines(proc.stdout) == []
+    assert "garage-build: done in" in proc.stdout
+
+
+FAKE_CMAKE = """#!/bin/bash
+# cmake, except that --build prints the lines of $FAKE_BUILD_OUTPUT ("sleep S" waits)
+if [ "$1" != --build ]; then exec "$REAL_CMAKE" "$@"; fi
+"$REAL_CMAKE" "$@" >/dev/null 2>&1 || exit 1
+while IFS= read -r line; do
+    case "$line" in "sleep "*) sleep "${line#sleep }" ;; *) printf '%s\\n' "$line" ;; esac
+done < "$FAKE_BUILD_OUTPUT"
+"""
+
+
+def scripted_build(garage, tmp_path, output: list[str], **env):
+    bin_dir = tmp_path / "fakebin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "cmake").write_text(FAKE_CMAKE)
+    (bin_dir / "cmake").chmod(0o755)
+    (tmp_path / "build-output").write_text("\n".join(output) + "\n")
+    started = time.monotonic()
+    proc, build_dir, _ = garage.build("b2", env={
+        "PATH": f"{bin_dir}:{os.environ['PATH']}", "REAL_CMAKE": shutil.which("cmake"),
+        "FAKE_BUILD_OUTPUT": str(tmp_path / "build-output"), **env})
+    return proc, build_dir, time.monotonic() - started
+
+
+def test_progress_is_paced_by_interval_and_step_with_a_line_during_a_long_stall(garage, tmp_path):
+    # Ninja: 40 edges, one every 0.05 s, then a stall of 3.5 s on the last one
+    output = []
+    for n in range(1, 40):
+        output += [f"[{n}/40] Building CXX object src/unit{n}.cpp.o", "sleep 0.05"]
+    output += ["sleep 3.5", "[40/40] Linking CXX executable bin/llama-server"]
+    proc, build_dir, took = scripted_build(garage, tmp_path, output,
+                                           GARAGE_PROGRESS_INTERVAL="0.4",
+                                           GARAGE_PROGRESS_STEP="20")
+    assert proc.returncode == 0, proc.stderr
+    lines = progress_lines(proc.stdout)
+    steps = [int(re.match(r"(\d+)/40 steps", text).group(1)) for _, text in lines]
+    assert lines[-1] == ("compiled", lines[-1][1]) and steps[-1] == 40
+    assert re.match(r"40/40 steps \(100 %\) in \d+ s, ccache hits \d+/\d+$", lines[-1][1])
+    compiling = steps[:-1]
+    assert compiling == sorted(compiling) and len(compiling) >= 2
+    # never more often than the step allows (8 edges of 40), except the stall's line(s)
+    moving = [s for s in compiling if s != 39]
+    assert all(b - a >= 8 for a, b in zip(moving, moving[1:], strict=False))
+    assert len(moving) <= 5
+    # the stall (more than 6 intervals without a step) got a line all the same
+    assert 39 in compiling
+    assert all("left" in text for _, text in lines[:-1] if not text.startswith("39/40"))
+    assert "[40/40] Linking CXX executable" in (build_dir / "build.log").read_text()

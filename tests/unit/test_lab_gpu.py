@@ -53,7 +53,8 @@ def calls(root):
 def test_fake_gpu_files_lists_rig_paths():
     files = fake_gpu_files("rtx3090", 6, "12.8")
     assert set(files) == {"/usr/bin/nvidia-smi", "/etc/fake-nvidia/gpus.json",
-                          "/usr/local/cuda/bin/nvcc", "/etc/fake-nvidia/cuda_version"}
+                          "/usr/local/cuda/bin/nvcc", "/etc/fake-nvidia/cuda_version",
+                          "/usr/local/cuda/lib64/libcublas.so"}
     assert files["/usr/bin/nvidia-smi"][1] == 0o755
     assert json.loads(files["/etc/fake-nvidia/gpus.json"][0]) == {"model": "rtx3090", "count": 6}
     assert set(fake_gpu_files("rtxpro6000", 1)) == {"/usr/bin/nvidia-smi",

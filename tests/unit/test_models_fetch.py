@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -473,3 +474,110 @@ def test_prune_deletes_only_blobs_nothing_links_to_and_nobody_holds(hub, store):
     assert not list(store.blobs.glob(f"{sha(BIG)}*"))
     assert (store.snapshot(new) / "big.gguf").read_bytes() == BIG2
     assert (store.snapshot(new) / "small.gguf").read_bytes() == SMALL
+
+
+# --- progress -----------------------------------------------------------------------------------
+
+def script_module():
+    """garage-fetch's own functions (a standalone script: loaded from its file)."""
+    import importlib.machinery
+    import importlib.util
+    loader = importlib.machinery.SourceFileLoader("garage_fetch_script", str(FETCH))
+    spec = importlib.util.spec_from_loader(loader.name, loader)
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+def test_pace_waits_for_the_interval_and_the_step_whichever_is_later():
+    gf = script_module()
+    pace = gf.Pace(20, 0.10, now=0.0)
+    fed = [(5, 0.30), (19, 0.35), (20, 0.36), (30, 0.40), (45, 0.50), (46, 0.90), (60, 0.95),
+           (70, 0.99), (80, 1.0)]
+    printed = [(t, done) for t, done in fed if pace.due(done, t)]
+    # 20 s passed but only at 0.36 ... 10 % more by 45 s; 0.90 waits for 65 s; never at the end
+    assert printed == [(20, 0.36), (45, 0.50), (70, 0.99)]
+    # a stall: no advance, but a line after 6 intervals without one
+    stalled = gf.Pace(20, 0.10, now=0.0, done=0.5)
+    assert [t for t in (30, 100, 119, 120, 200, 239, 240) if stalled.due(0.5, t)] == [120, 240]
+    # interval 0: each step; progress off: nothing
+    every = gf.Pace(0, 0.10, now=0.0)
+    assert [d for d in (0.05, 0.1, 0.15, 0.21, 0.5) if every.due(d, 1.0)] == [0.1, 0.21, 0.5]
+    off = gf.Pace(None, 0.10, now=0.0)
+    assert not any(off.due(d, t) for t, d in fed)
+
+
+def test_progress_settings_and_lines():
+    gf = script_module()
+    assert gf.progress_settings({}) == (20.0, 0.10)
+    assert gf.progress_settings({"GARAGE_PROGRESS_INTERVAL": "0.5",
+                                 "GARAGE_PROGRESS_STEP": "25"}) == (0.5, 0.25)
+    assert gf.progress_settings({"GARAGE_PROGRESS": "off"})[0] is None
+    with pytest.raises(gf.Fatal):
+        gf.progress_settings({"GARAGE_PROGRESS": "loud"})
+    with pytest.raises(gf.Fatal):
+        gf.progress_settings({"GARAGE_PROGRESS_INTERVAL": "soon"})
+    # 1.2 GB of 3 GB; this run got 0.6 GB in 12 s (the rest was resumed): 50 MB/s, 36 s left
+    assert gf.transfer_line("big.gguf", 1_200_000_000, 3_000_000_000, 600_000_000, 12.0) == \
+        "big.gguf: 1.20 GB of 3.00 GB (40 %), 50.00 MB/s, about 36 s left"
+    assert gf.transfer_line("x", 0, 10, 0, 0.0) == "x: 0 B of 10 B (0 %), no bytes yet"
+    assert [gf.duration(s) for s in (0.42, 42, 190, 3720)] == \
+        ["0.4 s", "42 s", "3 min 10 s", "1 h 02 min"]
+
+
+LINE = re.compile(r"^garage-fetch: big\.gguf: ([\d.]+) (MB|kB) of 3\.00 MB \((\d+) %\), "
+                  r"[\d.]+ (?:kB|MB)/s, about [\d.]+ s left$")
+
+
+def progress(stdout: str) -> list[tuple[float, int]]:
+    out = []
+    for m in map(LINE.match, stdout.splitlines()):
+        if m:
+            scale = 10**6 if m.group(2) == "MB" else 10**3
+            out.append((float(m.group(1)) * scale, int(m.group(3))))
+    return out
+
+
+def test_a_throttled_download_prints_paced_progress_and_a_summary(hub, store):
+    hub.faults.throttle("q/big.gguf", 1_500_000)  # 3 MB: about 2 s
+    env = {**os.environ, "GARAGE_PROGRESS_INTERVAL": "0.3", "GARAGE_PROGRESS_STEP": "20"}
+    proc = subprocess.run(fetch_cmd(store, big(hub), small(hub), commit=commit_of(hub)),
+                          capture_output=True, text=True, timeout=60, input="", env=env)
+    assert proc.returncode == 0, proc.stderr
+    lines = progress(proc.stdout)
+    assert len(lines) >= 2
+    done = [d for d, _ in lines]
+    percents = [p for _, p in lines]
+    assert done == sorted(done) and len(set(done)) == len(done)
+    assert all(b - a >= 20 for a, b in zip(percents, percents[1:], strict=False))
+    assert done[-1] < 3_000_000
+    out = proc.stdout.splitlines()
+    # the file's end line, then the run's total: both files, every byte, time and rate
+    assert any(re.fullmatch(r"garage-fetch: big\.gguf: sha256 verified, in place \(3\.00 MB "
+                            r"received in [\d.]+ s, [\d.]+ (kB|MB)/s\)", line) for line in out)
+    assert re.fullmatch(r"garage-fetch: m: 2 file\(s\) downloaded, 3\.20 MB in [\d.]+ s "
+                        r"\([\d.]+ (kB|MB)/s\)", out[-2]), out
+    assert store.blob(BIG).read_bytes() == BIG
+    # progress off: the lines that start and end each file, and the total
+    store2 = Store(store.models.parent / "other")
+    env["GARAGE_PROGRESS"] = "off"
+    proc = subprocess.run(fetch_cmd(store2, big(hub), commit=commit_of(hub)),
+                          capture_output=True, text=True, timeout=60, input="", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert progress(proc.stdout) == []
+    assert "big.gguf: 3.00 MB, downloading" in proc.stdout
+    assert "m: 1 file(s) downloaded, 3.00 MB in" in proc.stdout
+
+
+def test_a_resumed_download_says_where_it_resumed_and_counts_only_new_bytes(hub, store):
+    hub.faults.drop_after("q/big.gguf", 1_200_000)
+    assert fetch(store, big(hub), hub=hub).returncode == 1
+    hub.faults.throttle("q/big.gguf", 1_000_000)
+    env = {**os.environ, "GARAGE_PROGRESS_INTERVAL": "0.2", "GARAGE_PROGRESS_STEP": "10"}
+    proc = subprocess.run(fetch_cmd(store, big(hub), commit=commit_of(hub)),
+                          capture_output=True, text=True, timeout=60, input="", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "garage-fetch: big.gguf: 3.00 MB, resuming at 1.20 MB (40 %)" in proc.stdout
+    lines = progress(proc.stdout)
+    assert len(lines) >= 2 and lines[0][0] > 1_200_000
+    assert "m: 1 file(s) downloaded, 1.80 MB in" in proc.stdout

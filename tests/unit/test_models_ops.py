@@ -400,3 +400,33 @@ def test_prune_folders_of_models_no_longer_named_only_with_models_prune():
 def test_prune_with_nothing_to_do_is_a_noop():
     commands, fake = run_prune(store_with((M, 9, 9)))
     assert commands == [] and fake.noops == ["nothing to prune in /srv/models"]
+
+
+class RecordingHost:
+    """Records the shell commands an operation's function runs and their arguments."""
+
+    print_prefix = "[rig] "
+
+    def __init__(self, global_arguments=None):
+        self.current_op_global_arguments = global_arguments or {}
+        self.calls: list[tuple[str, dict]] = []
+
+    def run_shell_command(self, command, **kwargs):
+        self.calls.append((command.get_raw_value(), kwargs))
+        return True, None
+
+
+def test_the_fetcher_streams_its_output_the_token_on_stdin_never_with_a_pty(monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_secret_on_stdin")
+    monkeypatch.setenv("GARAGE_PROGRESS_STEP", "25")
+    state = FolderState(True, True, 10**9, {0: FileState(), 1: FileState()})
+    [command], _ = run_files(state, auth_origin="https://huggingface.co")
+    assert command.function is ops._run_fetcher and command.args[1] is True
+    # a deploy asking for a pty everywhere does not get one here: stdin would be echoed
+    fake = RecordingHost({"_get_pty": True, "_sudo": True})
+    assert ops._run_fetcher(None, fake, *command.args) is True
+    [(raw, kwargs)] = fake.calls
+    assert "hf_secret_on_stdin" not in raw and "--token-stdin" in raw
+    assert kwargs["_stdin"] == "hf_secret_on_stdin\n"
+    assert kwargs["_get_pty"] is False and kwargs["print_output"] is True
+    assert kwargs["_sudo"] is True and kwargs["_env"] == {"GARAGE_PROGRESS_STEP": "25"}

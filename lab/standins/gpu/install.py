@@ -16,6 +16,9 @@ NVIDIA_SMI_PATH = "/usr/bin/nvidia-smi"
 GPUS_JSON_PATH = "/etc/fake-nvidia/gpus.json"
 CUDA_VERSION_PATH = "/etc/fake-nvidia/cuda_version"
 NVCC_PATH = "/usr/local/cuda/bin/nvcc"
+# An empty file where NVIDIA's packages put cuBLAS: the engine plan looks for it before a CUDA
+# build; the fixture engine never links it.
+CUBLAS_PATH = "/usr/local/cuda/lib64/libcublas.so"
 
 GPU_MODELS = ("rtx3090", "rtxpro6000")
 
@@ -32,7 +35,7 @@ def fake_gpu_files(
     ``model`` is one of GPU_MODELS, or a sequence of them (one per GPU, in index order; then
     ``count`` must equal its length). With ``cuda_version`` ("12.8", or a full "12.8.93") the
     rig also gets a CUDA toolkit that answers ``nvcc --version`` at /usr/local/cuda/bin/nvcc,
-    which is not on PATH, as with NVIDIA's packages.
+    which is not on PATH, as with NVIDIA's packages, and an empty cuBLAS file beside it.
     """
     models = [model] * count if isinstance(model, str) else list(model)
     if len(models) != count:
@@ -57,4 +60,5 @@ def fake_gpu_files(
             raise ValueError(f"CUDA version must look like 12.8 or 12.8.93, not {cuda_version!r}")
         files[NVCC_PATH] = ((FAKES_DIR / "nvcc").read_bytes(), 0o755)
         files[CUDA_VERSION_PATH] = ((cuda_version + "\n").encode(), 0o644)
+        files[CUBLAS_PATH] = (b"", 0o644)
     return files
