@@ -92,7 +92,14 @@ def _add_fleet_network(entry: dict, masquerade: bool) -> None:
 
 def _add_rig_link(netns: str, veth: str, bridge: str, ip: str, gateway: str) -> None:
     """A network namespace for a rig whose eth0 (address `ip`/24, default route via `gateway`)
-    is a veth pair's end; the other end, `veth`, joins `bridge`."""
+    is a veth pair's end; the other end, `veth`, joins `bridge`.
+
+    The fleet's index is free (no registered fleet has it), so a link or namespace of these
+    names is a leftover of a run killed while it set up its rigs: removed first."""
+    if Path(f"/sys/class/net/{veth}").exists():
+        _run(["ip", "link", "del", veth])
+    if Path(f"/run/netns/{netns}").exists():
+        _run(["ip", "netns", "del", netns])
     _run(["ip", "netns", "add", netns])
     _run(
         [
