@@ -126,7 +126,7 @@ def test_first_converge_builds_for_the_3090s_and_a_rerun_does_nothing(
     assert info["cuda"]["architectures_requested"] == "86"
     assert info["options"]["GGML_CUDA_FA_ALL_QUANTS"] == "ON"
     assert info["shared_libs"] is False
-    assert f"llama.cpp b6 = {commit[:12]}), CUDA architectures 86, -j " in first.stderr
+    assert f"llama.cpp b6 = {commit[:12]}), CUDA architectures 86 with CUDA 12.8" in first.stderr
     assert f"log: {BUILDS}/llama/{key}/build.log" in first.stderr
     assert "ccache hits 0/" in first.stderr  # cold cache, said after the build
     version = sh(rig, f"{BUILDS}/llama/current/bin/llama-server --version 2>&1")
