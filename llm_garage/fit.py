@@ -369,23 +369,28 @@ def gib(n: int) -> str:
     return f"{n / GIB:.2f}"
 
 
+def mib(n: int) -> str:
+    return f"{n / MIB:,.1f} MiB"
+
+
 def table(p: Plan) -> list[str]:
-    """The plan as text rows: one per GPU, then the CPU."""
-    head = (f"{'device':<14} {'layers':>7} {'weights':>8} {'KV':>7} {'state':>7} "
-            f"{'compute':>8} {'total':>8} {'memory':>8} {'free':>8}  GiB")
-    rows = [head]
+    """The plan as text rows, in MiB: one per GPU, then the CPU (when it holds anything)."""
+    def m(n):
+        return f"{n / MIB:,.1f}"
+
+    cols = ("weights", "KV", "state", "compute", "total", "memory", "free")
+    rows = [f"{'device':<14} {'layers':>7} " + " ".join(f"{c:>10}" for c in cols) + "  MiB"]
     for d in p.devices:
         if d.name == CPU and not (d.weights or d.kv or d.recurrent):
             continue
         label = d.name if d.gpu is None else f"{d.name} (GPU {d.gpu})"
-        memory = "?" if d.capacity is None else gib(d.capacity)
-        free = "" if d.headroom is None else gib(d.headroom)
-        if d.name == CPU:
-            memory, free = "RAM", ""
         layers = str(len([x for x in d.layers if x < p.n_layer]))
         if p.n_layer in d.layers:
             layers += "+out"
-        rows.append(f"{label:<14} {layers:>7} {gib(d.weights):>8} {gib(d.kv):>7} "
-                    f"{gib(d.recurrent):>7} {gib(d.compute):>8} {gib(d.total):>8} "
-                    f"{memory:>8} {free:>8}")
+        memory = "?" if d.capacity is None else m(d.capacity)
+        free = "" if d.headroom is None else m(d.headroom)
+        if d.name == CPU:
+            memory = "RAM"
+        values = (m(d.weights), m(d.kv), m(d.recurrent), m(d.compute), m(d.total), memory, free)
+        rows.append(f"{label:<14} {layers:>7} " + " ".join(f"{v:>10}" for v in values))
     return rows

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -290,3 +291,58 @@ def test_a_file_that_is_not_gguf_is_locked_without_a_summary(hub, tmp_path):
                                   lock.resolvers())
     assert new.layouts == {} and "q8" in new.models
     assert "no memory plan: cannot read the GGUF header (not a GGUF file" in changes[0].line()
+
+
+def test_check_prints_the_memory_plan_and_refuses_what_does_not_fit(gguf_hub, tmp_path):
+    inv = tmp_path / "inventory" / "garage.py"
+    inv.parent.mkdir()
+    profile = {"model": "hybrid", "engine": "e", "port": 8000, "ctx_size": 8192,
+               "tensor_split": [1, 1], "cache_type_k": "q8_0", "cache_type_v": "q8_0"}
+    rig = {"ssh_hostname": "10.9.9.9", "hf_endpoint": gguf_hub.url, "gpu_count": 2,
+           "gpu_memory_mib": 8, "gpu_compute_reserve_mib": 0,
+           "engines": {"e": {"kind": "llama.cpp", "ref": "b8137", "cuda_architectures":
+                             ["86"]}},
+           "models": {"hybrid": HYBRID}, "profiles": {"h": profile}}
+
+    def write(rig):
+        inv.write_text("from pathlib import Path\n"
+                       "rigs = [('rig1', {'models_lock': "
+                       f"str(Path(__file__).with_name('garage.lock.json')), **{rig!r}}})]\n")
+
+    env = {**os.environ, "HF_TOKEN": ""}
+    cli = [sys.executable, "-m", "llm_garage.cli"]
+
+    def run(*args):
+        return subprocess.run([*cli, *args, str(inv)], capture_output=True, text=True,
+                              env=env, cwd=REPO, timeout=120)
+
+    write(rig)
+    assert run("lock").returncode == 0
+    gguf_hub.stats.reset()
+    check = run("check")
+    assert check.returncode == 0, check.stderr
+    assert gguf_hub.stats.requests == []  # planned from the lock: nothing asked, nothing fetched
+    assert "  memory plan of h: qwen35moe, 8 layers, 8192 KV cells" in check.stdout
+    # 9 layers (8 blocks + output) split 1:1: i/9 < 0.5 for blocks 0-4
+    assert "CUDA0 (GPU 0)        5" in check.stdout and "CUDA1 (GPU 1)    3+out" in check.stdout
+
+    rig["gpu_memory_mib"] = [1, 8]
+    write(rig)
+    check = run("check")
+    assert check.returncode == 1
+    assert "1 GPU(s) would run out of memory (before any download" in check.stderr
+    assert re.search(r"rig1: profile h does not fit: CUDA0 \(GPU 0\) needs (\d\.\d) MiB of "
+                     r"1\.0 MiB, \d\.\d MiB over", check.stderr), check.stderr
+
+    profile["memory_check"] = "warn"
+    write(rig)
+    check = run("check")
+    assert check.returncode == 0 and "    warning: profile h does not fit: CUDA0" in check.stdout
+
+    data = json.loads(inv.with_name("garage.lock.json").read_text())
+    data["version"] = 1
+    del data["models"]["hybrid"]["layout"]
+    inv.with_name("garage.lock.json").write_text(json.dumps(data))
+    check = run("check")
+    assert check.returncode == 0, check.stderr
+    assert "re-lock (`llm-garage lock`) to see the memory plan" in check.stdout
