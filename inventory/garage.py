@@ -52,6 +52,7 @@ garage = [
             "ssh_user": "root",
             **COMMON,
             "gpu_count": 6,
+            "gpu_memory_mib": 24576,  # nvidia-smi memory.total of an RTX 3090
             "gpu_power_limit_w": 350,
             "engines": {
                 "llama": {

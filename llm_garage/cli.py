@@ -97,6 +97,40 @@ def model_lock_lines(name: str, model, locked: Lock | None) -> list[str]:
         f"      {f.path} ({human_size(f.size)})" for f in pinned.files]
 
 
+def memory_lines(rig: Rig, locked: Lock | None) -> tuple[list[str], list[str]]:
+    """Each profile's memory plan (from the lock's GGUF summaries), and the refusals: enabled
+    profiles with `memory_check: refuse` that put more on a GPU than it has."""
+    from . import fit
+
+    out, refusals = [], []
+    for name, p in sorted(rig.profiles.items()):
+        layout = locked.layouts.get(p.model) if locked is not None else None
+        if locked is None:
+            continue
+        if layout is None or not pinned_as_asked(p.model, rig.models[p.model], locked):
+            out.append(f"  memory plan of {name}: none in the lock for {p.model}; re-lock "
+                       "(`llm-garage lock`) to see the memory plan")
+            continue
+        plan = fit.plan(layout, fit.options_for(rig, name))
+        out.append(f"  memory plan of {name}: {layout['architecture']}, {layout['n_layer']} "
+                   f"layers, {plan.kv_cells} KV cells (compute is an estimate)")
+        out += ["    " + row for row in fit.table(plan)]
+        out += [f"    note: {n}" for n in plan.notes]
+        over = plan.overfull()
+        if over and not rig.data.gpu_memory_mib:
+            continue
+        for d in over:
+            line = (f"{rig.name}: profile {name} does not fit: {d.name} (GPU {d.gpu}) needs "
+                    f"{fit.mib(d.total)} of {fit.mib(d.capacity)}, {fit.mib(-d.headroom)} over")
+            if p.enabled and p.memory_check == "refuse":
+                refusals.append(line)
+            else:
+                out.append(f"    warning: {line.split(': ', 1)[1]}")
+        if not rig.data.gpu_memory_mib and plan.gpus:
+            out.append("    note: set gpu_memory_mib to compare with the GPUs' memory")
+    return out, refusals
+
+
 def cmd_check(args) -> int:
     inventory = load_inventory(args.inventory)
     from .lock import Lock, LockError, lock_path_of
@@ -108,16 +142,26 @@ def cmd_check(args) -> int:
     except (SettingsError, LockError) as e:
         print(f"llm-garage: {args.inventory}: {e}", file=sys.stderr)
         return 1
-    stale = []
+    stale, refusals = [], []
     for rig in rigs.values():
         stale += [f"{rig.name}: {name}" for name in sorted(rig.models)
                   if not pinned_as_asked(name, rig.models[name], locked)]
         print("\n".join(plan_lines(rig, locked)))
+        lines, refused = memory_lines(rig, locked)
+        if lines:
+            print("\n".join(lines))
+        refusals += refused
         print()
     if stale:
         print(f"llm-garage: {args.inventory}: the lock {path} does not pin what the inventory "
               f"asks for ({', '.join(stale)}); run `llm-garage lock "
               f"{args.inventory}`", file=sys.stderr)
+        return 1
+    if refusals:
+        print(f"llm-garage: {args.inventory}: {len(refusals)} GPU(s) would run out of memory "
+              "(before any download; lower ctx_size, use cache_type q8_0, --n-cpu-moe N or "
+              "another tensor_split, or set memory_check: warn):\n"
+              + "\n".join(f"  - {r}" for r in refusals), file=sys.stderr)
         return 1
     print(f"{args.inventory}: {len(rigs)} rig(s) valid")
     return 0

@@ -29,10 +29,12 @@ from typing import Any
 
 from pyinfra.api.exceptions import DeployError
 
-from . import hf
+from . import gguf_header, hf
 from .settings import Rig
 
-LOCK_VERSION = 1
+LOCK_VERSION = 2
+# Version 1 had no `layout` (the GGUF header summary a memory plan needs); it still loads.
+READABLE_VERSIONS = (1, 2)
 COMMENT = ("Written by `llm-garage lock <inventory>`: the Hugging Face commit and exact files "
            "of every model. Commit it; deploys use these pins and do not ask the API.")
 
@@ -58,9 +60,9 @@ def lock_path_of(rigs: Mapping[str, Rig] | Iterable[Rig]) -> Path | None:
 
 # --- the lock data ------------------------------------------------------------------------------
 
-def entry_of(resolved: hf.Resolved) -> dict[str, Any]:
+def entry_of(resolved: hf.Resolved, layout: dict[str, Any] | None = None) -> dict[str, Any]:
     s = resolved.spec
-    return {
+    entry = {
         "repo": s.repo,
         "revision": s.revision,
         "selector": s.selector,
@@ -68,6 +70,9 @@ def entry_of(resolved: hf.Resolved) -> dict[str, Any]:
         "needs_token": resolved.needs_token,
         "files": [{"path": f.path, "size": f.size, "sha256": f.sha256} for f in resolved.files],
     }
+    if layout is not None:
+        entry["layout"] = layout
+    return entry
 
 
 def _resolved_of(name: str, entry: Any) -> hf.Resolved:
@@ -115,6 +120,9 @@ def _resolved_of(name: str, entry: Any) -> hf.Resolved:
 class Lock:
     path: Path
     models: dict[str, hf.Resolved] = dataclasses.field(default_factory=dict)
+    # model name -> its GGUF header summary (gguf_header.summarize); absent for a model
+    # locked by an older llm-garage, or whose header could not be read
+    layouts: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def load(cls, path: str | os.PathLike, inventory: str | os.PathLike | None = None) -> Lock:
@@ -126,8 +134,9 @@ class Lock:
             raise LockError(f"cannot read the lock {path}: {e.strerror}") from None
         except ValueError as e:
             raise LockError(f"the lock {path} is not valid JSON ({e}); {fix}") from None
-        if not isinstance(data, dict) or data.get("version") != LOCK_VERSION:
-            raise LockError(f"the lock {path} is not a version {LOCK_VERSION} llm-garage lock; "
+        if not isinstance(data, dict) or data.get("version") not in READABLE_VERSIONS:
+            raise LockError(f"the lock {path} is not a version "
+                            f"{' or '.join(map(str, READABLE_VERSIONS))} llm-garage lock; "
                             f"{fix}")
         models = data.get("models")
         if not isinstance(models, dict):
@@ -136,6 +145,12 @@ class Lock:
         for name, entry in models.items():
             try:
                 lock.models[name] = _resolved_of(name, entry)
+                layout = entry.get("layout")
+                if layout is not None:
+                    if not isinstance(layout, dict) or not isinstance(layout.get("blocks"),
+                                                                      list):
+                        raise ValueError("layout is not a GGUF header summary")
+                    lock.layouts[name] = layout
             except ValueError as e:
                 raise LockError(f"the lock {path}: model {name!r}: {e}; {fix}") from None
         return lock
@@ -144,7 +159,8 @@ class Lock:
         data = {
             "_comment": COMMENT,
             "version": LOCK_VERSION,
-            "models": {name: entry_of(r) for name, r in sorted(self.models.items())},
+            "models": {name: entry_of(r, self.layouts.get(name))
+                       for name, r in sorted(self.models.items())},
         }
         return json.dumps(data, indent=2) + "\n"
 
@@ -282,6 +298,7 @@ class LockChange:
     status: str  # "kept" | "added" | "updated" | "changed" (settings changed)
     resolved: hf.Resolved
     before: hf.Resolved | None = None
+    layout_note: str = ""  # what became of the GGUF header summary
 
     def line(self) -> str:
         r = self.resolved
@@ -289,15 +306,47 @@ class LockChange:
                 f"{hf.human_size(r.size)}")
         if self.before is not None and self.before.commit != r.commit:
             head += f" (was {self.before.commit[:12]})"
-        return f"{head} [{self.status}]"
+        note = f"; {self.layout_note}" if self.layout_note else ""
+        return f"{head} [{self.status}]{note}"
+
+
+LayoutReader = Callable[[str, hf.Resolved], dict]  # (endpoint, pinned model) -> summary
+
+
+def header_reader(resolver_for: ResolverFor) -> LayoutReader:
+    """Reads a pinned model's GGUF headers from the endpoint its downloads use, with the
+    token Hugging Face's rules give (only to that endpoint)."""
+
+    def read(endpoint: str, resolved: hf.Resolved) -> dict:
+        resolver = resolver_for(endpoint)
+        summary, _ = gguf_header.read_model(resolved, resolver.base, resolver.token,
+                                            session=resolver.session)
+        return summary
+
+    return read
+
+
+def _layout(read: LayoutReader, endpoint: str, resolved: hf.Resolved
+            ) -> tuple[dict | None, str]:
+    try:
+        summary = read(endpoint, resolved)
+    except (gguf_header.HeaderError, OSError, ValueError) as e:
+        return None, f"no memory plan: cannot read the GGUF header ({e})"
+    shards = summary.get("header_bytes") or []
+    return summary, (f"GGUF header read ({summary['architecture']}, {summary['n_layer']} "
+                     f"layers; {hf.human_size(sum(shards))} of headers from "
+                     f"{len(shards)} file(s))")
 
 
 def relock(rigs: Mapping[str, Rig] | Iterable[Rig], path: str | os.PathLike,
            resolver_for: ResolverFor, update: Iterable[str] | None = (),
-           inventory: str | os.PathLike | None = None) -> tuple[Lock, list[LockChange],
-                                                                 list[str]]:
+           inventory: str | os.PathLike | None = None,
+           read_layout: LayoutReader | None = None) -> tuple[Lock, list[LockChange],
+                                                             list[str]]:
     """The new lock for these rigs (not yet saved), what changed per model, dropped names.
-    `update`: names to re-resolve even if unchanged; None = all."""
+    `update`: names to re-resolve even if unchanged; None = all. Every model's GGUF headers
+    are read (`read_layout`, default over HTTP Range) unless the lock already holds them for
+    the same pin."""
     path = Path(path)
     old = Lock.load(path, inventory) if path.exists() else Lock(path)
     asked = wanted(rigs)
@@ -330,10 +379,19 @@ def relock(rigs: Mapping[str, Rig] | Iterable[Rig], path: str | os.PathLike,
     resolved = _resolve_grouped(todo, resolver_for)
     new = Lock(path)
     changes = []
+    read_layout = read_layout or header_reader(resolver_for)
     for name, (key, status) in plan.items():
         r = old.models[name] if status == "kept" else resolved[key]
         new.models[name] = r
-        changes.append(LockChange(name, status, r, old.models.get(name)))
+        before = old.models.get(name)
+        if before is not None and before.commit == r.commit and before.files == r.files \
+                and name in old.layouts:
+            new.layouts[name], note = old.layouts[name], ""
+        else:
+            layout, note = _layout(read_layout, key[0], r)
+            if layout is not None:
+                new.layouts[name] = layout
+        changes.append(LockChange(name, status, r, before, note))
     dropped = sorted(set(old.models) - set(asked))
     return new, changes, dropped
 

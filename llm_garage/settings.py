@@ -387,6 +387,10 @@ class Profile:
                                     type="int", check=is_int(1, 86400))
     warmup_requests: int = setting(1, doc="chat requests sent after a (re)start to prove it "
                                           "answers", type="int", check=is_int(0, 100))
+    memory_check: str = setting("refuse", doc="what `llm-garage check` does when the memory "
+                                              "plan puts more on a GPU than gpu_memory_mib "
+                                              "leaves: refuse (exit 1) or warn",
+                                type="'refuse' | 'warn'", check=one_of("refuse", "warn"))
     prove_tool_call: bool = setting(True, doc="prove every (re)start with a tool-call "
                                               "conversation through the chat template (when "
                                               "the server uses Jinja); false for a model "
@@ -522,6 +526,23 @@ class RigData:
         check=optional(either(is_number(positive=True),
                               list_of(is_number(positive=True), 1, "watts"),
                               accepts="a positive number of watts, or a list of them")))
+    gpu_memory_mib: int | list[int] | None = setting(
+        None, doc="memory of each GPU in MiB, as nvidia-smi's memory.total reports it (RTX "
+                  "3090: 24576): one value for every GPU, or one per GPU index; `llm-garage "
+                  "check` compares each profile's memory plan with it; empty = no comparison",
+        type="int | list[int]",
+        check=optional(either(is_int(1), list_of(is_int(1), 1, "MiB values"),
+                              accepts="MiB as a whole number, or a list of them")))
+    gpu_reserve_mib: int | list[int] = setting(
+        0, doc="MiB of each GPU that something else holds (a display, another process): one "
+               "value for every GPU, or one per GPU index; subtracted from gpu_memory_mib",
+        type="int | list[int]",
+        check=either(is_int(0), list_of(is_int(0), 1, "MiB values"),
+                     accepts="MiB as a whole number, or a list of them"))
+    gpu_compute_reserve_mib: int = setting(
+        1024, doc="MiB the memory plan keeps free on every GPU a model uses, for the engine's "
+                  "compute buffers beyond the plan's estimate (they grow with -b/-ub)",
+        type="int", check=is_int(0))
     gpu_persistence_mode: bool = setting(True, doc="turn on persistence mode", type="bool",
                                          check=is_bool)
     opencode_client: bool = setting(False, doc="write opencode.json here listing every served "
@@ -738,6 +759,11 @@ def _cross_check(rig: Rig, errors: list[SettingProblem], defined: set[str]) -> N
             "one value for all GPUs, or exactly one per GPU")
     if limit is not None and d.gpu_count == 0:
         err("gpu_power_limit_w", "is set but gpu_count is 0", "set gpu_count to the rig's GPUs")
+    for key in ("gpu_memory_mib", "gpu_reserve_mib"):
+        value = getattr(d, key)
+        if isinstance(value, list) and len(value) != d.gpu_count:
+            err(key, f"{len(value)} values for gpu_count {d.gpu_count}",
+                "one value for every GPU, or one per GPU index")
 
     ports: dict[int, str] = {}
     for name, p in rig.profiles.items():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -175,7 +176,9 @@ def test_gated_model_in_the_lock_needs_a_token_before_any_host_changes(hub, tmp_
 
 @pytest.mark.parametrize("mangle, expected", [
     (lambda d: "{not json", "is not valid JSON"),
-    (lambda d: {**d, "version": 9}, "is not a version 1 llm-garage lock"),
+    (lambda d: {**d, "version": 9}, "is not a version 1 or 2 llm-garage lock"),
+    (lambda d: {**d, "models": {"q4": {**d["models"]["q4"], "layout": [1]}}},
+     "model 'q4': layout is not a GGUF header summary"),
     (lambda d: {**d, "models": {"q4": {**d["models"]["q4"], "commit": "abc"}}},
      "commit 'abc' is not a 40-character SHA"),
     (lambda d: {**d, "models": {"q4": {**d["models"]["q4"], "files": [
@@ -224,3 +227,122 @@ def test_lock_command_writes_the_lock_and_check_lists_the_files(hub, tmp_path):
     assert check.returncode == 1  # a stale lock fails the check, as it would fail a deploy
     assert f"does not pin what the inventory asks for (rig1: q4); run `llm-garage lock {inv}`" \
         in check.stderr
+
+
+# --- the GGUF header summary a memory plan needs -------------------------------------------------
+
+@pytest.fixture
+def gguf_hub(tmp_path):
+    from lab.standins.gguf_gen import write_hybrid_model, write_tiny_model
+
+    files = {f"Q4/{p.name}": p for p in write_hybrid_model(tmp_path / "H-Q4.gguf",
+                                                             split_max_tensors=20)}
+    server = HFServer(page_size=50)
+    server.add_repo("acme/Hybrid-GGUF", files, lfs=True)
+    server.add_repo("acme/Tiny-GGUF", {"T-Q8_0.gguf": write_tiny_model(tmp_path / "t.gguf")})
+    with server:
+        yield server
+
+
+HYBRID = {"repo": "acme/Hybrid-GGUF", "revision": "main", "quant": "Q4"}
+TINY = {"repo": "acme/Tiny-GGUF", "revision": "main", "quant": "Q8_0"}
+
+
+def test_lock_records_each_models_gguf_header_summary(gguf_hub, tmp_path):
+    path = tmp_path / "inv.lock.json"
+    rigs = fleet(gguf_hub, rig1={"hybrid": HYBRID, "tiny": TINY})
+    new, changes, _ = lock.relock(rigs, path, lock.resolvers())
+    assert "GGUF header read (qwen35moe, 8 layers;" in changes[0].line()
+    assert "from 4 file(s))" in changes[0].line()
+    new.save()
+    data = json.loads(path.read_text())
+    assert data["version"] == 2
+    layout = data["models"]["hybrid"]["layout"]
+    assert layout["architecture"] == "qwen35moe" and layout["n_layer"] == 8
+    assert data["models"]["tiny"]["layout"]["architecture"] == "llama"
+    assert Lock.load(path).layouts == {"hybrid": layout, "tiny": data["models"]["tiny"]["layout"]}
+
+    # unchanged pins keep their summary: no file is read again
+    gguf_hub.stats.reset()
+    again, changes, _ = lock.relock(rigs, path, lock.resolvers())
+    assert again.layouts == Lock.load(path).layouts
+    assert [r for r in gguf_hub.stats.requests if r["kind"] in ("resolve", "cdn")] == []
+    assert all("GGUF header" not in c.line() for c in changes)
+
+
+def test_a_version_1_lock_still_works_and_relocking_adds_the_summary(gguf_hub, tmp_path):
+    path = tmp_path / "inv.lock.json"
+    rigs = fleet(gguf_hub, rig1={"tiny": TINY})
+    new, _, _ = lock.relock(rigs, path, lock.resolvers())
+    data = json.loads(new.dumps())
+    data["version"] = 1
+    del data["models"]["tiny"]["layout"]
+    path.write_text(json.dumps(data))
+    old = Lock.load(path)
+    assert old.layouts == {} and old.models["tiny"] == new.models["tiny"]
+    assert lock.pins(rigs, old, no_api, have_token=False)[("rig1", "tiny")] == new.models["tiny"]
+    again, changes, _ = lock.relock(rigs, path, lock.resolvers())
+    assert changes[0].status == "kept" and "GGUF header read (llama" in changes[0].line()
+    assert again.layouts["tiny"]["n_layer"] == 2
+
+
+def test_a_file_that_is_not_gguf_is_locked_without_a_summary(hub, tmp_path):
+    new, changes, _ = lock.relock(fleet(hub, rig1={"q8": Q8}), tmp_path / "l.json",
+                                  lock.resolvers())
+    assert new.layouts == {} and "q8" in new.models
+    assert "no memory plan: cannot read the GGUF header (not a GGUF file" in changes[0].line()
+
+
+def test_check_prints_the_memory_plan_and_refuses_what_does_not_fit(gguf_hub, tmp_path):
+    inv = tmp_path / "inventory" / "garage.py"
+    inv.parent.mkdir()
+    profile = {"model": "hybrid", "engine": "e", "port": 8000, "ctx_size": 8192,
+               "tensor_split": [1, 1], "cache_type_k": "q8_0", "cache_type_v": "q8_0"}
+    rig = {"ssh_hostname": "10.9.9.9", "hf_endpoint": gguf_hub.url, "gpu_count": 2,
+           "gpu_memory_mib": 8, "gpu_compute_reserve_mib": 0,
+           "engines": {"e": {"kind": "llama.cpp", "ref": "b8137", "cuda_architectures":
+                             ["86"]}},
+           "models": {"hybrid": HYBRID}, "profiles": {"h": profile}}
+
+    def write(rig):
+        inv.write_text("from pathlib import Path\n"
+                       "rigs = [('rig1', {'models_lock': "
+                       f"str(Path(__file__).with_name('garage.lock.json')), **{rig!r}}})]\n")
+
+    env = {**os.environ, "HF_TOKEN": ""}
+    cli = [sys.executable, "-m", "llm_garage.cli"]
+
+    def run(*args):
+        return subprocess.run([*cli, *args, str(inv)], capture_output=True, text=True,
+                              env=env, cwd=REPO, timeout=120)
+
+    write(rig)
+    assert run("lock").returncode == 0
+    gguf_hub.stats.reset()
+    check = run("check")
+    assert check.returncode == 0, check.stderr
+    assert gguf_hub.stats.requests == []  # planned from the lock: nothing asked, nothing fetched
+    assert "  memory plan of h: qwen35moe, 8 layers, 8192 KV cells" in check.stdout
+    # 9 layers (8 blocks + output) split 1:1: i/9 < 0.5 for blocks 0-4
+    assert "CUDA0 (GPU 0)        5" in check.stdout and "CUDA1 (GPU 1)    3+out" in check.stdout
+
+    rig["gpu_memory_mib"] = [1, 8]
+    write(rig)
+    check = run("check")
+    assert check.returncode == 1
+    assert "1 GPU(s) would run out of memory (before any download" in check.stderr
+    assert re.search(r"rig1: profile h does not fit: CUDA0 \(GPU 0\) needs (\d\.\d) MiB of "
+                     r"1\.0 MiB, \d\.\d MiB over", check.stderr), check.stderr
+
+    profile["memory_check"] = "warn"
+    write(rig)
+    check = run("check")
+    assert check.returncode == 0 and "    warning: profile h does not fit: CUDA0" in check.stdout
+
+    data = json.loads(inv.with_name("garage.lock.json").read_text())
+    data["version"] = 1
+    del data["models"]["hybrid"]["layout"]
+    inv.with_name("garage.lock.json").write_text(json.dumps(data))
+    check = run("check")
+    assert check.returncode == 0, check.stderr
+    assert "re-lock (`llm-garage lock`) to see the memory plan" in check.stdout
