@@ -101,3 +101,23 @@ def run_op(op, facts: dict[str, Any] | None = None, *args, host_name: str = "rig
                  global_args=global_args) as host:
         commands = list(op._inner(*args, **kwargs))
     return OpRun(commands, host)
+
+
+class ShellHost(OpHost):
+    """The host a function command (FunctionCommand) of an operation runs on: records each
+    shell command it runs, with its arguments, and answers `results` in order ((ok, stdout);
+    success with no output once they run out)."""
+
+    def __init__(self, results=(), global_args: dict | None = None):
+        super().__init__({}, "rig", True, global_args)
+        self.calls: list[tuple[str, dict]] = []
+        self.results = list(results)
+
+    @property
+    def ran(self) -> list[str]:
+        return [command for command, _ in self.calls]
+
+    def run_shell_command(self, command, **kwargs):
+        self.calls.append((command.get_raw_value(), kwargs))
+        ok, stdout = self.results.pop(0) if self.results else (True, "")
+        return ok, SimpleNamespace(stdout_lines=stdout.splitlines())

@@ -36,7 +36,7 @@ from llm_garage.plans.engines import (
 )
 from llm_garage.plans.engines import plan as plan_builds
 from llm_garage.settings import flags_hash, load_rig
-from tests.unit.ophelper import run_op
+from tests.unit.ophelper import ShellHost, run_op
 
 SHA_A = "a" * 40
 SHA_B = "0123456789abcdef0123456789abcdef01234567"
@@ -516,23 +516,11 @@ def test_cpus_fact_is_pyinfras():
     assert Cpus().process(["16"]) == 16
 
 
-class RecordingHost:
-    """Records the shell commands an operation's function runs and their arguments."""
-
-    def __init__(self, global_arguments=None):
-        self.current_op_global_arguments = global_arguments or {}
-        self.calls: list[tuple[str, dict]] = []
-
-    def run_shell_command(self, command, **kwargs):
-        self.calls.append((command.get_raw_value(), kwargs))
-        return True, None
-
-
 def test_build_streams_the_script_output_with_the_progress_settings(monkeypatch):
     monkeypatch.setenv("GARAGE_PROGRESS_INTERVAL", "5")
     monkeypatch.setenv("GARAGE_PROGRESS", "off")
     monkeypatch.delenv("GARAGE_PROGRESS_STEP", raising=False)
-    fake = RecordingHost({"_sudo": True, "_env": {"LANG": "C"}, "_ignore_errors": False})
+    fake = ShellHost(global_args={"_sudo": True, "_env": {"LANG": "C"}, "_ignore_errors": False})
     command = build_command(make_plan(), SCRIPT)
     assert ops._build(None, fake, command) is True
     [(raw, kwargs)] = fake.calls

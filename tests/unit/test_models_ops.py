@@ -25,7 +25,7 @@ from llm_garage.facts.models import (
 )
 from llm_garage.facts.services import inputs_digest_command
 from llm_garage.operations import models as ops
-from tests.unit.ophelper import run_op
+from tests.unit.ophelper import ShellHost, run_op
 
 FETCH = Path(__file__).resolve().parents[2] / "llm_garage" / "files" / "garage-fetch"
 SHA_A = hashlib.sha256(b"a" * 100).hexdigest()
@@ -402,20 +402,6 @@ def test_prune_with_nothing_to_do_is_a_noop():
     assert commands == [] and fake.noops == ["nothing to prune in /srv/models"]
 
 
-class RecordingHost:
-    """Records the shell commands an operation's function runs and their arguments."""
-
-    print_prefix = "[rig] "
-
-    def __init__(self, global_arguments=None):
-        self.current_op_global_arguments = global_arguments or {}
-        self.calls: list[tuple[str, dict]] = []
-
-    def run_shell_command(self, command, **kwargs):
-        self.calls.append((command.get_raw_value(), kwargs))
-        return True, None
-
-
 def test_the_fetcher_streams_its_output_the_token_on_stdin_never_with_a_pty(monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "hf_secret_on_stdin")
     monkeypatch.setenv("GARAGE_PROGRESS_STEP", "25")
@@ -423,7 +409,7 @@ def test_the_fetcher_streams_its_output_the_token_on_stdin_never_with_a_pty(monk
     [command], _ = run_files(state, auth_origin="https://huggingface.co")
     assert command.function is ops._run_fetcher and command.args[1] is True
     # a deploy asking for a pty everywhere does not get one here: stdin would be echoed
-    fake = RecordingHost({"_get_pty": True, "_sudo": True})
+    fake = ShellHost(global_args={"_get_pty": True, "_sudo": True})
     assert ops._run_fetcher(None, fake, *command.args) is True
     [(raw, kwargs)] = fake.calls
     assert "hf_secret_on_stdin" not in raw and "--token-stdin" in raw

@@ -11,7 +11,7 @@ from pyinfra.api import FunctionCommand, StringCommand
 from llm_garage.operations import services as ops
 from llm_garage.plans.services import ServicePlan, check_command, expects_gpu, uses_jinja
 from llm_garage.settings import load_rig
-from tests.unit.ophelper import OpHost, run_op
+from tests.unit.ophelper import ShellHost, run_op
 
 PLAN = ServicePlan(
     profile="p", engine="llama", model="m", service="llama-server-p.service",
@@ -41,29 +41,6 @@ class Meta:
 
     def did_change(self):
         return self._did
-
-
-class ShellHost(OpHost):
-    """A host whose shell commands (run by the proof step) answer `results` in order."""
-
-    def __init__(self, results):
-        super().__init__({}, "rig", True, None)
-        self.ran: list[str] = []
-        self.results = list(results)
-
-    def run_shell_command(self, command, print_output=False, **kwargs):
-        self.ran.append(command.get_raw_value())
-        ok, stdout = self.results.pop(0) if self.results else (True, "")
-        return ok, Output(stdout)
-
-
-@dataclasses.dataclass
-class Output:
-    text: str
-
-    @property
-    def stdout_lines(self):
-        return self.text.splitlines()
 
 
 def served(state=None, plan=PLAN, executing=False, changed=()):
