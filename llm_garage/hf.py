@@ -298,6 +298,26 @@ def choose_files(spec: Spec, commit: str, tree: dict[str, dict]) -> list[str]:
 
 # --- the resolver -------------------------------------------------------------------------------
 
+def token_refusals(gated: Mapping[tuple[str, str], str], token_value: str,
+                   timeout: float = 20) -> list[str]:
+    """Ask each endpoint whether it takes the token, before any rig downloads: `gated` maps
+    (endpoint, repo) to the URL of one of its files at the pinned commit. One line per
+    endpoint and repo that refused it (401/403); an endpoint that cannot be reached is not
+    a refusal (the rig may have every file already)."""
+    refused = []
+    for (base, repo), url in sorted(gated.items()):
+        try:
+            response = requests.head(url, headers={"Authorization": f"Bearer {token_value}"},
+                                     allow_redirects=False, timeout=timeout)
+        except requests.RequestException:
+            continue
+        if response.status_code in (401, 403):
+            refused.append(f"{repo}: {base} refused the Hugging Face token from "
+                           f"{token_source()} (HTTP {response.status_code}); set a token that "
+                           "may read it (HF_TOKEN, or `hf auth login`)")
+    return refused
+
+
 class Resolver:
     """Resolves specs through the Hugging Face API, caching revisions and trees for the run."""
 

@@ -62,6 +62,21 @@ _PINS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _PINS_LOCK = gevent.lock.RLock()
 
 
+def check_token(rigs, pinned: dict[tuple[str, str], hf.Resolved]) -> None:
+    """A token the endpoint refuses stops the run now, not when a rig's download gets 403."""
+    token_value = hf.token()
+    if not token_value or hf.offline():
+        return
+    gated = {}
+    for (host_name, _model), resolved in pinned.items():
+        if resolved.needs_token:
+            base = rigs[host_name].hf_endpoint
+            gated.setdefault((base, resolved.spec.repo), resolved.url(base, resolved.main))
+    refused = hf.token_refusals(gated, token_value)
+    if refused:
+        raise hf.HfError("\n".join(refused) + "; nothing was changed on any host")
+
+
 def pins_for(state) -> dict[tuple[str, str], hf.Resolved]:
     """(host, model name) -> pinned files for every host of this run, computed once per run:
     from the lock when the inventory names one, else through the Hugging Face API."""
@@ -85,6 +100,7 @@ def _pins(state) -> dict[tuple[str, str], hf.Resolved] | Exception:
         resolver_for = None if hf.offline() else lock.resolvers()
         # the inventory's own path is not known here: the hint says <inventory>
         pinned = lock.pins(rigs, the_lock, resolver_for, None)
+        check_token(rigs, pinned)
     except DeployError as e:
         return e  # every host's prepare raises the same error, asked once
     if the_lock is None and pinned:

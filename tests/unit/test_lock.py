@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from lab.standins.hf_server import HFServer
-from llm_garage import lock
+from llm_garage import hf, lock
 from llm_garage.lock import Lock, LockError
 from llm_garage.settings import load_rig
 
@@ -172,6 +172,28 @@ def test_gated_model_in_the_lock_needs_a_token_before_any_host_changes(hub, tmp_
         lock.pins(rigs, Lock.load(tmp_path / "l.json"), no_api, have_token=False)
     assert "acme/Gated-GGUF is gated or private" in str(e.value)
     assert "HF_TOKEN" in str(e.value) and TOKEN not in str(e.value)
+
+
+def test_a_token_the_endpoint_refuses_stops_the_run_while_it_is_prepared(hub, tmp_path,
+                                                                         monkeypatch):
+    from llm_garage.plans.models import check_token
+
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    rigs = fleet(hub, rig1={"g": {"repo": "acme/Gated-GGUF", "revision": "main",
+                                  "quant": "Q4"}, "q4": Q4})
+    new, _, _ = lock.relock(rigs, tmp_path / "l.json", lock.resolvers())
+    pinned = lock.pins(rigs, new, no_api, have_token=True)
+    check_token(rigs, pinned)  # the right token: nothing to say
+    monkeypatch.setenv("HF_TOKEN", "hf_wrong_0123456789")
+    with pytest.raises(hf.HfError) as e:
+        check_token(rigs, pinned)
+    text = str(e.value)
+    assert f"acme/Gated-GGUF: {hub.url} refused the Hugging Face token from the HF_TOKEN " \
+           "environment variable (HTTP 403)" in text and "nothing was changed on any host" in text
+    assert "hf_wrong" not in text and "acme/M-GGUF" not in text  # only gated repos are asked
+    hub.stop()
+    check_token(rigs, pinned)  # an endpoint out of reach is no refusal (files may be there)
 
 
 @pytest.mark.parametrize("mangle, expected", [
