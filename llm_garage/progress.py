@@ -15,7 +15,8 @@ from __future__ import annotations
 import os
 
 from pyinfra.api import StringCommand
-from pyinfra.api.arguments import CONNECTOR_ARGUMENT_KEYS
+
+from llm_garage.operations import connector_arguments
 
 PROGRESS_ENV = ("GARAGE_PROGRESS", "GARAGE_PROGRESS_INTERVAL", "GARAGE_PROGRESS_STEP")
 
@@ -31,8 +32,7 @@ def streamed(host, command: StringCommand, **extra):
     arguments and the progress settings in its environment, its output shown line by line
     as it comes (pyinfra shows a plain command's output only once it ended). `extra`
     overrides connector arguments (``_stdin``, ``_get_pty``)."""
-    arguments = host.current_op_global_arguments or {}
-    kwargs = {key: arguments[key] for key in CONNECTOR_ARGUMENT_KEYS if key in arguments}
+    kwargs = connector_arguments(host)
     env = {**(kwargs.get("_env") or {}), **progress_env()}
     if env:
         kwargs["_env"] = env

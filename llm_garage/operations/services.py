@@ -16,7 +16,6 @@ from pyinfra.api import (
     StringCommand,
     operation,
 )
-from pyinfra.api.arguments import CONNECTOR_ARGUMENT_KEYS
 from pyinfra.api.operation import OperationMeta
 from pyinfra.facts.files import Sha256File
 
@@ -26,6 +25,7 @@ from llm_garage.facts.services import (
     UnitPresence,
     inputs_digest_command,
 )
+from llm_garage.operations import connector_arguments
 from llm_garage.plans.services import ServicePlan
 
 # Global arguments that make pyinfra upload to a temporary file first (see the SSH connector).
@@ -90,8 +90,7 @@ def secret_file(path: str, content: str | None, directory_mode: str = "700"):
 
 def _shell(host, script: str, *args: str, print_output: bool = False):
     """Run `sh -c SCRIPT - ARGS…` on the host with this operation's connector arguments."""
-    arguments = host.current_op_global_arguments or {}
-    kwargs = {key: arguments[key] for key in CONNECTOR_ARGUMENT_KEYS if key in arguments}
+    kwargs = connector_arguments(host)
     command = StringCommand("sh", "-c", QuoteString(script), "-", *[QuoteString(a) for a in args])
     return host.run_shell_command(command, print_output=print_output, **kwargs)
 
