@@ -128,6 +128,8 @@ def collect(rig: Rig, report: Mapping[str, Any], engines: Mapping[str, Any],
             "alias": rig.alias(name), "model": p.model, "engine": p.engine, "port": p.port,
             "listen": p.listen, "url": f"http://{_host(rig.address)}:{p.port}/v1",
             "key_file": rig.layout.key_file(name) if p.api_key_env else None,
+            "key_env": p.api_key_env,
+            "health_timeout_s": p.health_timeout_s,
             "active": found.get("active") if p.enabled else None,
             "unit_text": found.get("unit_text") if p.enabled else None,
             "exec_start": exec_start if p.enabled else None,
@@ -359,7 +361,8 @@ def _by_hand(data) -> list[str]:
           f"--shell /usr/sbin/nologin" + (f" --groups {q(','.join(u['groups']))}"
                                           if u["groups"] else "") + f" {q(u['name'])}"]
     if data["engines"]:
-        sh += ["", "# build tools", "apt-get install -y build-essential cmake git libssl-dev"]
+        sh += ["", "# build and download tools",
+               "apt-get install -y build-essential cmake git libssl-dev curl ca-certificates"]
     for e in data["engines"]:
         stamp = e["stamp"] or {}
         sh += ["", f"# engine {e['name']}: {e['kind']} {e['ref']} (full history: the build "
@@ -395,18 +398,31 @@ def _by_hand(data) -> list[str]:
             continue
         sh += ["", f"# service {p['service']}"]
         if p["key_file"]:
+            env = p.get("key_env") or "LLAMA_API_KEY"
             sh += [f"install -d -m 700 {q(p['key_file'].rsplit('/', 1)[0])}",
-                   f"install -m 600 /dev/null {q(p['key_file'])}   # then write the API key "
-                   "into it"]
+                   f"install -m 600 /dev/null {q(p['key_file'])}",
+                   f"printf '%s\\n' \"${env}\" > {q(p['key_file'])}   # the API key: set "
+                   f"{env} first (as for the deploy)"]
         sh += [f"cat > {q(p['unit_file'])} <<'{UNIT_HEREDOC}'",
                *p["unit_text"].rstrip("\n").split("\n"), UNIT_HEREDOC,
                "systemctl daemon-reload",
                f"systemctl enable --now {q(p['service'])}",
-               f"curl -s http://127.0.0.1:{p['port']}/health"]
+               _wait_health(p)]
     return ["## Rebuild by hand", "",
             "Run as root on a fresh machine, in order; the result runs the same "
             "`llama-server` version from the same commit, on the same model bytes, with the "
             "same units.", "", "```sh", *sh, "```", ""]
+
+
+def _wait_health(p: Mapping[str, Any]) -> str:
+    """A curl that waits, as the deploy does, until the server has loaded and /health answers
+    200 (it answers 503 while loading)."""
+    listen = p["listen"]
+    host = {"0.0.0.0": "127.0.0.1", "::": "[::1]", "localhost": "127.0.0.1"}.get(
+        listen, _host(listen))
+    wait = p.get("health_timeout_s") or 900
+    return (f"curl -fsS --retry {wait} --retry-delay 1 --retry-all-errors --retry-max-time "
+            f"{wait} http://{host}:{p['port']}/health")
 
 
 def render(data: Mapping[str, Any]) -> str:

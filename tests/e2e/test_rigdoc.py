@@ -1,10 +1,13 @@
 """The rig document on a test rig: after a converge it holds the rig's real values, a no-op
-rerun leaves it byte-identical, and `llm-garage docs` renders it again offline."""
+rerun leaves it byte-identical, and `llm-garage docs` renders it again offline; its "rebuild
+by hand" section, run by itself on a second rig, gives the same binary, model bytes, unit and
+answering server."""
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 
@@ -14,11 +17,14 @@ from lab.rigs.pyinfra_results import REPO_ROOT
 from lab.serving import (
     API_KEY,
     API_KEY_ENV,
+    chat,
     controller_env,
     first_shard,
+    gpu_state,
     install_fake_gpus,
     profile,
     rig_data,
+    served_ids,
     sh,
 )
 
@@ -88,3 +94,67 @@ def test_the_rig_document_holds_the_rigs_real_values_and_a_noop_rewrites_nothing
     assert out.returncode == 0, out.stderr
     assert md.read_text() == text
     print(text)  # the excerpt the README shows comes from here
+
+
+def _by_hand(text: str) -> str:
+    """The shell block of the document's "Rebuild by hand" section."""
+    section = text.split("\n## Rebuild by hand\n", 1)[1]
+    return section.split("\n```sh\n", 1)[1].split("\n```\n", 1)[0] + "\n"
+
+
+def _sha256s(rig, folder: str) -> dict[str, str]:
+    return dict(reversed(line.split("  ", 1)) for line in sh(
+        rig, f"cd {folder} && sha256sum -- *").splitlines())
+
+
+def test_the_rebuild_by_hand_section_run_on_a_fresh_rig_gives_the_same_rig(
+        start_rigs, write_inventory, converge, hub, git_url, repos, tmp_path):
+    rig1, rig2 = start_rigs("rig1", "rig2")
+    for rig in (rig1, rig2):
+        install_fake_gpus(rig, "rtx3090", 1)
+    _, repo = repos
+    env = controller_env(tmp_path, **{API_KEY_ENV: API_KEY})
+    profiles = {"a": profile(8081, alias="tiny-a", api_key_env=API_KEY_ENV)}
+    inventory = write_inventory({"rig1": rig_data(hub, git_url, profiles, gpu_count=1,
+                                                  gpu_power_limit_w=280)})
+    converge(inventory, env=env)
+    text = (inventory.parent / "docs" / "rig1.md").read_text()
+    data = json.loads((inventory.parent / "docs" / "rig1.json").read_text())
+    script = _by_hand(text)
+    assert API_KEY not in script
+
+    # rig2 has nothing of llm-garage: no folders, no scripts, no units
+    assert sh(rig2, "ls -d /opt/llm-garage /etc/llm-garage /srv/models "
+                    "/etc/systemd/system/llama-server-* 2>/dev/null || true") == ""
+    # a person runs the section as root, in order, with the key in the variable it names
+    rig2.put_text(script, "/root/rebuild-by-hand.sh", 0o700)
+    run = rig2.ssh(f"{API_KEY_ENV}={shlex.quote(API_KEY)} bash -e /root/rebuild-by-hand.sh",
+                   check=False, timeout=900)
+    assert run.returncode == 0, f"{run.stdout}\n{run.stderr}"
+
+    # the same binary: --version reports the pinned commit, in the same build folder
+    engine = data["engines"][0]
+    server = engine["build_dir"] + "/bin/llama-server"
+    versions = [next(line for line in sh(rig, f"{server} --version 2>&1").splitlines()
+                     if "version:" in line) for rig in (rig1, rig2)]
+    assert versions[0] == versions[1] == engine["stamp"]["version"]
+    assert versions[1].endswith(f"({repo.tags['b6'][:7]})")
+    # the same model bytes, in the same snapshot folder
+    model = data["models"][0]
+    want = {f["name"]: f["sha256"] for f in model["files"]}
+    assert len(want) == 2 and _sha256s(rig1, model["snapshot"]) == want
+    assert _sha256s(rig2, model["snapshot"]) == want
+    # the same unit, byte for byte, running
+    unit = "/etc/systemd/system/llama-server-a.service"
+    assert sh(rig2, f"cat {unit}") == sh(rig1, f"cat {unit}")
+    assert sh(rig2, "systemctl is-active llama-server-a.service") == "active"
+    # the same GPU settings
+    assert gpu_state(rig2) == gpu_state(rig1)
+    # the server answers, with the key and only with it
+    assert served_ids(rig2, 8081, API_KEY) == ["tiny-a"]
+    assert chat(rig2, 8081, API_KEY) == 200
+    assert chat(rig2, 8081) == 401
+    # and none of llm-garage's own files was needed or made
+    assert sh(rig2, "ls -d /opt/llm-garage/bin /opt/llm-garage/state /opt/llm-garage/ccache "
+                    "2>/dev/null || true") == ""
+

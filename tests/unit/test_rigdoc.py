@@ -259,6 +259,18 @@ def test_identical_data_renders_identical_bytes_and_no_secret():
     assert "/etc/llm-garage/llama-server-a.key" in rigdoc.render(one)
 
 
+def test_by_hand_writes_the_key_from_its_variable_and_waits_for_health():
+    text = rigdoc.render(_data())
+    key = "/etc/llm-garage/llama-server-a.key"
+    assert (f"install -m 600 /dev/null {key}\n"
+            f"printf '%s\\n' \"$GARAGE_TEST_KEY\" > {key}   # the API key: set "
+            "GARAGE_TEST_KEY first (as for the deploy)\n") in text
+    assert ("systemctl enable --now llama-server-a.service\ncurl -fsS --retry 900 "
+            "--retry-delay 1 --retry-all-errors --retry-max-time 900 "
+            "http://127.0.0.1:8081/health\n") in text
+    assert "apt-get install -y build-essential cmake git libssl-dev curl ca-certificates" in text
+
+
 def test_a_new_build_is_a_small_diff_of_the_engine_lines():
     new = "d00d" + "1" * 36
     old_text = rigdoc.render(_data()).splitlines()
