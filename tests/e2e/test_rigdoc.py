@@ -1,12 +1,14 @@
 """The rig document on a test rig: after a converge it holds the rig's real values, a no-op
 rerun leaves it byte-identical, and `llm-garage docs` renders it again offline; its "rebuild
 by hand" section, run by itself on a second rig, gives the same binary, model bytes, unit and
-answering server."""
+answering server; a tag bump changes only the engine's lines."""
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -158,3 +160,70 @@ def test_the_rebuild_by_hand_section_run_on_a_fresh_rig_gives_the_same_rig(
     assert sh(rig2, "ls -d /opt/llm-garage/bin /opt/llm-garage/state /opt/llm-garage/ccache "
                     "2>/dev/null || true") == ""
 
+
+def test_a_tag_bump_changes_only_the_engines_lines(
+        start_rigs, write_inventory, converge, hub, git_url, repos, tmp_path):
+    (rig,) = start_rigs("rig1")
+    install_fake_gpus(rig, "rtx3090", 1)
+    _, repo = repos
+    env = controller_env(tmp_path)
+    profiles = {"a": profile(8081, alias="tiny-a")}
+    md, js = tmp_path / "docs" / "rig1.md", tmp_path / "docs" / "rig1.json"
+    host = {"gpu_count": 1, "gpu_power_limit_w": 280}
+    converge(write_inventory({"rig1": rig_data(hub, git_url, profiles, ref="b6", **host)}),
+             env=env)
+    before, old_engine = md.read_text(), json.loads(js.read_text())["engines"][0]
+    converge(write_inventory({"rig1": rig_data(hub, git_url, profiles, ref="b8", **host)}),
+             env=env)
+    after, engine = md.read_text(), json.loads(js.read_text())["engines"][0]
+    old, new = repo.tags["b6"], repo.tags["b8"]
+    old_key, new_key = old_engine["key"], engine["key"]
+    old_stamp, new_stamp = old_engine["stamp"], engine["stamp"]
+    assert (old_engine["commit"], engine["commit"]) == (old, new)
+    assert old_key == f"{old[:12]}-{old_key.split('-')[1]}"
+    assert new_key == f"{new[:12]}-{old_key.split('-')[1]}"  # same flags, new commit
+    assert (old_stamp["version"], new_stamp["version"]) == (f"version: 6 ({old[:7]})",
+                                                            f"version: 8 ({new[:7]})")
+
+    # Every line before, with the engine's values swapped (tag, commit, short commit, build
+    # folder, build number), is the line after, but for the new build's stamp and the old
+    # build, now kept for rollback.
+    def bump(line: str) -> str:
+        line = line.replace(old, new).replace(old_key, new_key).replace(old[:7], new[:7])
+        return re.sub(r"\bb6\b", "b8", line).replace("version: 6 (", "version: 8 (")
+
+    def changed(a: list[str], b: list[str]) -> list[str]:
+        return [line for line in difflib.unified_diff(a, b, lineterm="", n=0)
+                if line[:1] in "+-" and not line.startswith(("+++", "---"))]
+
+    def built(text: str) -> str:
+        return next(line for line in text.splitlines() if line.startswith("- built in "))
+
+    kept_before = f"  - `{old_key}`: `{old_stamp['version']}`, finished " \
+                  f"{old_stamp['finished']} (current)"
+    assert kept_before in before.splitlines()
+    assert re.fullmatch(r"- built in \d+ s with -j \d+, ccache \d+ hits / \d+ misses, "
+                        r"finished " + re.escape(new_stamp["finished"]), built(after))
+    assert new_stamp["finished"] != old_stamp["finished"]
+    assert changed([bump(line) for line in before.splitlines()], after.splitlines()) == [
+        "-" + bump(built(before)),
+        "+" + built(after),
+        "-" + bump(kept_before),
+        f"+  - `{new_key}`: `{new_stamp['version']}`, finished {new_stamp['finished']} "
+        "(current)",
+        f"+  - `{old_key}`: `{old_stamp['version']}`, finished {old_stamp['finished']}",
+    ]
+    # the machine, GPUs and models are the same text; the diff itself is the engine's lines
+    for part in ("## Machine", "## GPUs", "## Models"):
+        start = before.index(part)
+        assert before[start:before.index("\n## ", start + 1)] in after
+    diff = changed(before.splitlines(), after.splitlines())
+    assert f"-- pin: `b6 → {old}` from `{engine['remote']}`" in diff
+    assert f"+- pin: `b8 → {new}` from `{engine['remote']}`" in diff
+    assert f"+git -C /opt/llm-garage/src/llama checkout --detach {new}" in diff
+    assert any(line.startswith(f"+ExecStart={engine['build_dir']}/bin/llama-server -m "
+                               f"{first_shard(hub)} --host 0.0.0.0 --port 8081 ")
+               for line in diff), "\n".join(diff)
+    assert all(old[:7] in line or new[:7] in line or re.search(r"\bb[68]\b", line)
+               or line[1:].startswith("- built in ") for line in diff), "\n".join(diff)
+    print("\n".join(diff))
