@@ -96,6 +96,14 @@ VAGRANT_MARKER = ".garage-sandbox-vagrant"
 
 GPU_MODEL = "rtx3090"
 
+# What the deploy says about long work while it runs, shown in the one-line-per-operation view:
+# garage-build's and garage-fetch's progress lines and the lines that start and end a build
+# or a download, each with the rig's prefix as pyinfra prints it.
+PROGRESS_RE = re.compile(r"^\[[^\]]+\]\s+(?:garage-(?:build|fetch): |Building |Built |fetching )")
+# The sandbox's builds and downloads take seconds: a progress line every 2 s (instead of 20)
+# shows what a long build or download prints. A value set in the environment wins.
+PROGRESS_DEFAULTS = {"GARAGE_PROGRESS_INTERVAL": "2"}
+
 log = logging.getLogger("garage.sandbox")
 
 
@@ -537,10 +545,11 @@ def push_fake_gpu_ssh(ssh: dict, sudo: bool) -> None:
 
 def run_deploy(state_file: Path, logfile: Path, show_all: bool, verbose: bool) -> PyinfraResult:
     """Runs the real deploy; prints one line per operation (all of them, or only the changed
-    and failed ones); the whole log goes to `logfile`."""
+    and failed ones) and the progress lines of builds and downloads; the whole log goes to
+    `logfile`."""
     args = [str(pyinfra_bin()), "-y", INVENTORY, DEPLOY]
-    env = {**os.environ, STATE_ENV: str(state_file), "PYINFRA_PROGRESS": "off",
-           "NO_COLOR": "1"}
+    env = {**PROGRESS_DEFAULTS, **os.environ, STATE_ENV: str(state_file),
+           "PYINFRA_PROGRESS": "off", "NO_COLOR": "1"}
     Out.line("$ " + shlex.join([os.path.relpath(args[0], REPO_ROOT), *args[1:]]))
     start = time.monotonic()
     lines: list[str] = []
@@ -549,7 +558,7 @@ def run_deploy(state_file: Path, logfile: Path, show_all: bool, verbose: bool) -
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 bufsize=1)
         assert proc.stdout is not None
-        current = None
+        current, open_line = None, False
         for raw in proc.stdout:
             log_fh.write(raw)
             lines.append(raw)
@@ -562,16 +571,23 @@ def run_deploy(state_file: Path, logfile: Path, show_all: bool, verbose: bool) -
                 current = match.group("name")
                 if show_all:
                     print(f"    {current} ... ", end="", flush=True)
+                    open_line = True
+                continue
+            if PROGRESS_RE.match(line.strip()):
+                if open_line:  # the operation's line ends with its status after these
+                    print(flush=True)
+                    open_line = False
+                print(f"    {line.strip()}", flush=True)
                 continue
             status = HOST_STATUS_RE.match(line)
             if status and current is not None:
                 word = {"Success": "changed", "No changes": "ok"}.get(status.group("status"),
                                                                        "FAILED")
-                if show_all:
+                if open_line:
                     print(word, flush=True)
-                elif word != "ok":
+                elif show_all or word != "ok":
                     print(f"    {current} ... {word}", flush=True)
-                current = None
+                current, open_line = None, False
                 continue
             if PYINFRA_ERROR_RE.match(line.strip()):
                 print(f"    {line.strip()}", flush=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -54,6 +55,33 @@ def test_sandbox_up_answers_converges_reuses_and_down_leaves_nothing(tmp_path, c
         assert f"./scripts/rigs ssh --name {name} sandbox" in up.stdout
         assert f"{sandbox.NAME_ENV}={name} ./scripts/sandbox down" in up.stdout
 
+        # The first deploy showed the build's and the download's progress lines as the rig
+        # printed them, with its prefix, while its operation ran (before its status).
+        lines = up.stdout.splitlines()
+        building = next(i for i, line in enumerate(lines)
+                        if line.startswith("    [sandbox] Building llama (llama.cpp "))
+        compiled = [i for i, line in enumerate(lines) if re.fullmatch(
+            r"    \[sandbox\] garage-build: llama compiled: 100 % \(\d+ steps done\) in "
+            r"\d+ s, ccache hits \d+/\d+", line)]
+        compiling = [int(m.group(1)) for line in lines if (m := re.fullmatch(
+            r"    \[sandbox\] garage-build: llama compiling: (\d+) % \(\d+ steps? done\), .*",
+            line))]
+        built = next(i for i, line in enumerate(lines)
+                     if line.startswith("    [sandbox] Built llama "))
+        assert len(compiled) == 1 and building < compiled[0] < built, _output(up)
+        assert compiling == sorted(compiling) and all(p < 100 for p in compiling)
+        assert re.search(r"^    Engines \| .+ \.\.\. changed$", "\n".join(lines[built:]),
+                         re.M), _output(up)
+        model = re.escape(sandbox.FIXTURE_MODEL_FILE)
+        fetch = [line for line in lines if line.startswith("    [sandbox] garage-fetch: ")]
+        assert re.fullmatch(rf"    \[sandbox\] garage-fetch: {model}: [\d.]+ [kMG]?B, "
+                            r"downloading", fetch[1]), _output(up)
+        assert any(re.fullmatch(rf"    \[sandbox\] garage-fetch: {model}: sha256 verified, "
+                                r"in place \(.+ received in .+\)", line) for line in fetch)
+        assert re.fullmatch(r"    \[sandbox\] garage-fetch: tiny: 1 file\(s\) downloaded, .+",
+                            fetch[-2]), _output(up)
+        print(up.stdout)  # the README's excerpt of a sandbox run comes from here
+
         # The gate, on the sandbox's own inventory, as a user would run it by hand.
         converge("inventory/sandbox.py", "deploy.py", env={sandbox.STATE_ENV: str(state_file)})
 
@@ -78,6 +106,8 @@ def test_sandbox_up_answers_converges_reuses_and_down_leaves_nothing(tmp_path, c
         state_again = json.loads(state_file.read_text())
         assert state_again["fixtures"] == state["fixtures"]
         assert state_again["last_up"]["first_changed"] == 0, _output(again)
+        assert "] garage-build: " not in again.stdout, _output(again)
+        assert "] garage-fetch: " not in again.stdout, _output(again)
 
         status = _runner("status", env=env)
         assert status.returncode == 0, _output(status)

@@ -259,3 +259,59 @@ def test_run_deploy_prints_one_line_per_operation_and_reads_the_results(
     assert ("    Base | Install base tools ... ok\n" in out) is show_all
     assert "Grand total" not in out
     assert logfile.read_text().startswith(str(tmp_path / "state.json"))
+
+
+PROGRESS_TEXT = """\
+--> Beginning operation run...
+--> Starting operation: Engines | Build llama
+    [sandbox] Building llama (llama.cpp b36 = 0123456789ab), CPU only, -j 2; log: /b/build.log
+[sandbox] garage-build: llama compiling: 45 % (9 steps done), 2 s elapsed, about 3 s left
+[sandbox] garage-build: llama compiled: 100 % (21 steps done) in 5 s, ccache hits 0/16
+    [sandbox] Built llama 0123456789ab in 0 min 6 s, ccache hits 0/16 (0 %)
+    [sandbox] Success
+
+--> Starting operation: Models | tiny
+[sandbox] garage-fetch: tiny-chat-F32.gguf: 1.20 MB, downloading
+    [sandbox] Success
+
+--> Results:
+    Operation            Hosts   Success   Error   No Change
+    Engines | Build llama   1       1         -       -
+    Models | tiny        1       1         -       -
+    Grand total          2       2         -       -
+
+--> Disconnecting from hosts...
+"""
+
+
+@pytest.mark.parametrize("show_all", [True, False])
+def test_run_deploy_shows_the_progress_of_builds_and_downloads_with_the_rigs_prefix(
+        tmp_path, monkeypatch, capsys, show_all):
+    fake = tmp_path / "pyinfra"
+    fake.write_text("#!/bin/sh\necho \"interval=$GARAGE_PROGRESS_INTERVAL\" >&2\n"
+                    f"cat <<'EOF'\n{PROGRESS_TEXT}EOF\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(sandbox, "pyinfra_bin", lambda: fake)
+    monkeypatch.delenv("GARAGE_PROGRESS_INTERVAL", raising=False)
+    logfile = tmp_path / "deploy.log"
+    result = sandbox.run_deploy(tmp_path / "state.json", logfile, show_all=show_all,
+                                verbose=False)
+    out = capsys.readouterr().out.splitlines()[1:]  # after the command line
+    assert result.ok and result.changed == 2
+    build = [line for line in PROGRESS_TEXT.splitlines()
+             if "garage-build" in line or "Built" in line or "Building" in line]
+    fetch = [line for line in PROGRESS_TEXT.splitlines() if "garage-fetch" in line]
+    # each progress line, as pyinfra printed it, then the operation's status on its own line
+    assert out == [
+        *(["    Engines | Build llama ... "] if show_all else []),
+        *["    " + line.strip() for line in build],
+        "    Engines | Build llama ... changed",
+        *(["    Models | tiny ... "] if show_all else []),
+        *["    " + line.strip() for line in fetch],
+        "    Models | tiny ... changed",
+    ]
+    # the sandbox's short builds get a progress line every 2 s, unless the user chose
+    assert logfile.read_text().startswith("interval=2\n")
+    monkeypatch.setenv("GARAGE_PROGRESS_INTERVAL", "7")
+    sandbox.run_deploy(tmp_path / "state.json", logfile, show_all=show_all, verbose=False)
+    assert logfile.read_text().startswith("interval=7\n")
