@@ -89,3 +89,7 @@ def test_a_build_and_a_throttled_download_show_progress_and_a_noop_run_none(
     assert TOKEN not in rig.ssh("cat /srv/models/gated/.garage/fetch.log "
                                 "/opt/llm-garage/builds/llama/*/build.log").stdout
     assert "compiling:" not in rig.ssh("cat /opt/llm-garage/builds/llama/*/build.log").stdout
+    # the README's excerpt of what a build and a download print comes from here
+    print("\n".join(line for line in out.splitlines()
+                    if re.search(r"\[rig1\] +(garage-build|garage-fetch|Building|Built|fetching)",
+                                 line)))
