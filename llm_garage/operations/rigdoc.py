@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from pyinfra import host
 from pyinfra.api import FunctionCommand, operation
@@ -20,7 +20,7 @@ def _write(docs_dir: str, data: dict) -> None:
 
 @operation()
 def documented(rig: Rig, docs_dir: str, engines: Mapping, models: Mapping,
-               opencode_providers: Mapping | None = None):
+               opencode_providers: Mapping | Callable[[], Mapping] | None = None):
     """
     Write the rig document (``<docs_dir>/<rig>.md`` and ``<rig>.json``) on the machine running
     pyinfra, from facts read when the operation runs, after the rig's other operations.
@@ -28,7 +28,8 @@ def documented(rig: Rig, docs_dir: str, engines: Mapping, models: Mapping,
     + rig: the rig's settings
     + docs_dir: the folder on the controller
     + engines, models: the deploy's plans (name -> BuildPlan / ModelPlan)
-    + opencode_providers: what this rig's opencode.json was given (None: no opencode client)
+    + opencode_providers: what this rig's opencode.json was given (None: no opencode client),
+      or a function returning it, called when the operation runs
 
     Nothing is run on the rig but one read-only fact. A file is rewritten (atomically) only
     when its content changes, so a run that changes nothing on the rig changes nothing here
@@ -46,6 +47,8 @@ def documented(rig: Rig, docs_dir: str, engines: Mapping, models: Mapping,
         host.noop(f"{docs_dir}/{rig.name}.md is written from what the rig reports once its "
                   "operations have run")
         return
+    if callable(opencode_providers):
+        opencode_providers = opencode_providers()
     layout = rig.layout
     report = host.get_fact(
         RigReport, models_dir=rig.data.models_dir,

@@ -1,0 +1,72 @@
+"""The opencode plan: each client's providers (llm_garage/opencode.py), with the context one
+request really gets where only the running server can say it.
+
+With `parallel` set, llama-server gives each of its slots `ctx_size / parallel`, and that is
+the limit. Without it the engine chooses (newer llama.cpp picks several slots by itself, and
+whether they share one unified cache), so the limit is read back from the server: the `n_ctx`
+its last passed proof found in `/props` (the proof report, `ProofReports`). A server whose
+proof has not passed, or that is not part of this run, gives no limit rather than a guess.
+
+The plan is made twice: while the run is prepared, from the reports the servers hold then,
+and again when the opencode operation runs, after every server of the run was proven."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from llm_garage import opencode
+from llm_garage.facts.opencode import ProofReports
+from llm_garage.settings import Rig
+
+# (server rig, {profile: report path}) -> {profile: report or None}, or None: not readable now
+ReadReports = Callable[[str, dict[str, str]], Mapping[str, Any] | None]
+
+
+def reads_back(server: Rig, profile: str) -> bool:
+    """Whether this profile's limit comes from its running server, not its settings."""
+    p = server.profiles[profile]
+    return not (p.parallel and p.ctx_size)
+
+
+def served_contexts(client: Rig, fleet: Mapping[str, Rig],
+                    read: ReadReports) -> dict[tuple[str, str], int]:
+    """(server, profile) -> n_ctx one request gets, for every profile `client` lists whose
+    limit comes from its server and whose last proof passed."""
+    served: dict[tuple[str, str], int] = {}
+    for name in sorted(fleet):
+        server = fleet[name]
+        wanted = {p: server.layout.proof_report(p) for p in sorted(server.enabled_profiles)
+                  if reads_back(server, p) and opencode.base_url(client, server, p)}
+        reports = read(name, wanted) if wanted else None
+        for profile in wanted:
+            report = (reports or {}).get(profile)
+            n_ctx = report.get("n_ctx") if isinstance(report, dict) else None
+            if report and report.get("ok") is True and type(n_ctx) is int and n_ctx > 0:
+                served[(name, profile)] = n_ctx
+    return served
+
+
+def providers(client: Rig, fleet: Mapping[str, Rig], read: ReadReports) -> dict[str, Any]:
+    """The client's providers, limits read back where the settings cannot say."""
+    return opencode.providers_for(client, fleet, served_contexts(client, fleet, read))
+
+
+def reader(state) -> ReadReports:
+    """Reads the reports on a server of this pyinfra run; None for a host that is not in it
+    (not connected, or failed earlier in the run)."""
+
+    def read(name: str, reports: dict[str, str]) -> Mapping[str, Any] | None:
+        server = state.inventory.get_host(name, None)
+        if server is None or server not in state.active_hosts:
+            return None
+        return server.get_fact(ProofReports, reports=reports)
+
+    return read
+
+
+def when_asked(state, client: Rig, fleet: Mapping[str, Rig]) -> Callable[[], dict[str, Any]]:
+    """`providers` made each time it is called, from the reports of this run's servers then:
+    what an operation that decides again when it runs is given."""
+    read = reader(state)
+    return lambda: providers(client, fleet, read)
