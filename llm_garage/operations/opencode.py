@@ -17,16 +17,18 @@ _MAKE_DIRS = ('mk() { [ -d "$1" ] && return 0; mk "$(dirname "$1")" "$2" && '
 
 
 @operation()
-def config_merged(path: str, providers: Mapping[str, dict] | Callable[[], Mapping[str, dict]],
+def config_merged(path: str,
+                  providers: Mapping[str, dict] | Callable[[Mapping | None], Mapping[str, dict]],
                   prefix: str, owner: str):
     """
     Merge our providers into an opencode.json, keeping everything else the user wrote.
 
     + path: the opencode.json (a symlink is followed: its target is written)
     + providers: provider id -> provider, from ``llm_garage.opencode.providers_for``; or a
-      function returning them, called each time the operation decides (while the run is
-      prepared, and again when it runs, after the operations before it: for values read back
-      from servers, ``llm_garage.plans.opencode``)
+      function of the file's current content (None: no file) returning them, called each
+      time the operation decides (while the run is prepared, and again when it runs, after
+      the operations before it: for values read back from servers,
+      ``llm_garage.plans.opencode``)
     + prefix: our provider namespace; providers ``prefix`` and ``prefix-*`` are replaced
     + owner: user owning the file (and any folder created for it)
 
@@ -43,8 +45,6 @@ def config_merged(path: str, providers: Mapping[str, dict] | Callable[[], Mappin
         opencode.config_merged(name="opencode.json", path="/root/.config/opencode/opencode.json",
                                providers=providers, prefix="llm-garage", owner="root")
     """
-    if callable(providers):
-        providers = providers()
     current = host.get_fact(ConfigFile, path=path)
     real = current["real"] or path
     existing = None
@@ -58,6 +58,8 @@ def config_merged(path: str, providers: Mapping[str, dict] | Callable[[], Mappin
         if had_comments:
             host.log(f"{real} has comments: they are not kept when it is rewritten "
                      f"(the original is kept as {real}{opencode.BACKUP_SUFFIX} the first time)")
+    if callable(providers):
+        providers = providers(existing)
     if existing is None and not providers:
         host.noop(f"no {real} and no provider to write into it")
         return

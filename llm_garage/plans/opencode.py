@@ -5,7 +5,8 @@ With `parallel` set, llama-server gives each of its slots `ctx_size / parallel`,
 the limit. Without it the engine chooses (newer llama.cpp picks several slots by itself, and
 whether they share one unified cache), so the limit is read back from the server: the `n_ctx`
 its last passed proof found in `/props` (the proof report, `ProofReports`). A server whose
-proof has not passed, or that is not part of this run, gives no limit rather than a guess.
+proof has not passed gives no limit rather than a guess; one that is not part of this run
+(`--limit`) keeps the limit the client's file already has for it, if any.
 
 The plan is made twice: while the run is prepared, from the reports the servers hold then,
 and again when the opencode operation runs, after every server of the run was proven."""
@@ -29,27 +30,53 @@ def reads_back(server: Rig, profile: str) -> bool:
     return not (p.parallel and p.ctx_size)
 
 
-def served_contexts(client: Rig, fleet: Mapping[str, Rig],
-                    read: ReadReports) -> dict[tuple[str, str], int]:
+def served_contexts(client: Rig, fleet: Mapping[str, Rig], read: ReadReports
+                    ) -> tuple[dict[tuple[str, str], int], set[tuple[str, str]]]:
     """(server, profile) -> n_ctx one request gets, for every profile `client` lists whose
-    limit comes from its server and whose last proof passed."""
+    limit comes from its server and whose last proof passed; and the (server, profile) pairs
+    whose server could not be asked (not in this run)."""
     served: dict[tuple[str, str], int] = {}
+    unread: set[tuple[str, str]] = set()
     for name in sorted(fleet):
         server = fleet[name]
         wanted = {p: server.layout.proof_report(p) for p in sorted(server.enabled_profiles)
                   if reads_back(server, p) and opencode.base_url(client, server, p)}
-        reports = read(name, wanted) if wanted else None
+        if not wanted:
+            continue
+        reports = read(name, wanted)
+        if reports is None:
+            unread |= {(name, p) for p in wanted}
+            continue
         for profile in wanted:
-            report = (reports or {}).get(profile)
+            report = reports.get(profile)
             n_ctx = report.get("n_ctx") if isinstance(report, dict) else None
             if report and report.get("ok") is True and type(n_ctx) is int and n_ctx > 0:
                 served[(name, profile)] = n_ctx
-    return served
+    return served, unread
 
 
-def providers(client: Rig, fleet: Mapping[str, Rig], read: ReadReports) -> dict[str, Any]:
-    """The client's providers, limits read back where the settings cannot say."""
-    return opencode.providers_for(client, fleet, served_contexts(client, fleet, read))
+def written_context(existing: Mapping | None, provider: str, alias: str) -> int | None:
+    """limit.context of one model as the client's opencode.json has it, if it has one."""
+    try:
+        context = existing["provider"][provider]["models"][alias]["limit"]["context"]
+    except (KeyError, TypeError):
+        return None
+    return context if type(context) is int and context > 0 else None
+
+
+def providers(client: Rig, fleet: Mapping[str, Rig], read: ReadReports,
+              existing: Mapping | None = None) -> dict[str, Any]:
+    """The client's providers, limits read back where the settings cannot say; for a server
+    not in this run, the limit `existing` (the client's current opencode.json) has."""
+    served, unread = served_contexts(client, fleet, read)
+    for name, profile in sorted(unread):
+        server = fleet[name]
+        pid = opencode.provider_id(client.data.opencode_provider, name,
+                                   server.profiles[profile].port)
+        context = written_context(existing, pid, server.alias(profile))
+        if context:
+            served[(name, profile)] = context
+    return opencode.providers_for(client, fleet, served)
 
 
 def reader(state) -> ReadReports:
@@ -65,8 +92,10 @@ def reader(state) -> ReadReports:
     return read
 
 
-def when_asked(state, client: Rig, fleet: Mapping[str, Rig]) -> Callable[[], dict[str, Any]]:
-    """`providers` made each time it is called, from the reports of this run's servers then:
-    what an operation that decides again when it runs is given."""
+def when_asked(state, client: Rig, fleet: Mapping[str, Rig]
+               ) -> Callable[[Mapping | None], dict[str, Any]]:
+    """`providers` made each time it is called with the client's current opencode.json (or
+    None), from the reports of this run's servers then: what an operation that decides again
+    when it runs is given."""
     read = reader(state)
-    return lambda: providers(client, fleet, read)
+    return lambda existing=None: providers(client, fleet, read, existing)

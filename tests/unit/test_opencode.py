@@ -224,6 +224,25 @@ def test_op_new_file_has_no_backup_and_default_mode():
     assert "chmod 644 /r/o.json.llm-garage.tmp" in strings
 
 
+def test_op_gives_a_providers_function_the_file_as_it_is():
+    seen = []
+
+    def providers(existing):
+        seen.append(existing)
+        return PROVIDERS
+
+    text = opencode.dumps({"theme": "x"})
+    run = run_merge({"real": "/r/o.json", "mode": "644", "text": text}, path="/r/o.json",
+                    providers=providers, prefix="llm-garage", owner="root")
+    upload = next(c for c in run.commands if isinstance(c, FileUploadCommand))
+    assert json.loads(upload.src.getvalue()) == {"theme": "x", "provider": PROVIDERS}
+    assert seen == [{"theme": "x"}]
+    seen.clear()
+    run_merge({"real": "/r/o.json", "mode": None, "text": None}, path="/r/o.json",
+              providers=providers, prefix="llm-garage", owner="root")
+    assert seen == [None]
+
+
 def test_op_refuses_a_broken_file_without_touching_it():
     commands = run_merge({"real": "/r/o.json", "mode": "644", "text": "{oops"},
                          path="/r/o.json", providers=PROVIDERS, prefix="llm-garage",

@@ -59,7 +59,7 @@ def test_only_limits_the_settings_cannot_give_are_read_back_and_only_when_proven
             return None  # not in this run
         return {p: reports.get(p) for p in paths}
 
-    assert plan.served_contexts(ws, fleet, read) == {("box", "auto"): 2048}
+    assert plan.served_contexts(ws, fleet, read) == ({("box", "auto"): 2048}, {("other", "x")})
     layout = box.layout
     assert asked == [
         ("box", {p: layout.proof_report(p) for p in ("auto", "failed", "never")}),
@@ -73,5 +73,28 @@ def test_only_limits_the_settings_cannot_give_are_read_back_and_only_when_proven
         assert "limit" not in providers[pid]["models"][alias]
     # On its own rig the loopback server is listed, and read back too.
     asked.clear()
-    assert ("box", "local") not in plan.served_contexts(box, fleet, read)
+    assert ("box", "local") not in plan.served_contexts(box, fleet, read)[0]
     assert "local" in asked[0][1]
+
+
+def test_a_server_not_in_the_run_keeps_the_limit_the_file_has():
+    box = rig("box", {"auto": {"port": 8001, "ctx_size": 4096}})
+    ws = rig("ws", {}, opencode_client=True)
+    fleet = {"box": box, "ws": ws}
+    written = {"provider": {"llm-garage-box-8001": {"models": {"auto": {
+        "name": "auto (box)", "limit": {"context": 2048, "output": 2048}}}}}}
+
+    def not_in_run(name, paths):
+        return None
+
+    kept = plan.providers(ws, fleet, not_in_run, written)
+    assert kept["llm-garage-box-8001"]["models"]["auto"]["limit"] == {
+        "context": 2048, "output": 2048}
+    for existing in (None, {"provider": {}}, {"provider": {"llm-garage-box-8001": {"models": {
+            "auto": {"limit": {"context": "2048"}}}}}}):
+        assert "limit" not in plan.providers(ws, fleet, not_in_run, existing)[
+            "llm-garage-box-8001"]["models"]["auto"]
+    # Read in this run, the server's report wins over the file.
+    fresh = plan.providers(ws, fleet, lambda name, paths: {
+        "auto": {"ok": True, "n_ctx": 4096, "slots": 1}}, written)
+    assert fresh["llm-garage-box-8001"]["models"]["auto"]["limit"]["context"] == 4096
