@@ -7,11 +7,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from pyinfra import host
 from pyinfra.api import deploy
 
+from llm_garage import opencode
 from llm_garage.operations import rigdoc
-from llm_garage.plans import opencode as opencode_plan
 from llm_garage.settings import Rig
 
 if TYPE_CHECKING:  # plans.models loads requests, which must come after gevent's patching
@@ -22,9 +21,7 @@ if TYPE_CHECKING:  # plans.models loads requests, which must come after gevent's
 @deploy("Docs")
 def write(rig: Rig, fleet: Mapping[str, Rig], engines: Mapping[str, BuildPlan],
           models: Mapping[str, ModelPlan]) -> None:
-    # What the opencode operation wrote: read back again when the document is written.
-    providers = (opencode_plan.when_asked(host.state, rig, fleet)
-                 if rig.data.opencode_client else None)
+    providers = opencode.providers_for(rig, fleet) if rig.data.opencode_client else None
     rigdoc.documented(name=f"Rig document {rig.data.docs_dir}/{rig.name}.md", rig=rig,
                       docs_dir=rig.data.docs_dir, engines=engines, models=models,
                       opencode_providers=providers)

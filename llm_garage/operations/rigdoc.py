@@ -2,25 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 from pyinfra import host
 from pyinfra.api import FunctionCommand, operation
 
-from llm_garage import opencode, rigdoc
-from llm_garage.facts.opencode import ConfigFile
+from llm_garage import rigdoc
 from llm_garage.facts.rigdoc import RigReport
 from llm_garage.layout import service_name, unit_path
 from llm_garage.settings import Rig
-
-
-def _opencode_config(path: str) -> dict | None:
-    """The rig's opencode.json as it is now (None: none, or not readable as opencode's)."""
-    text = host.get_fact(ConfigFile, path=path)["text"]
-    try:
-        return opencode.loads(text)[0] if text is not None else None
-    except opencode.OpencodeConfigError:
-        return None
 
 
 def _write(docs_dir: str, data: dict) -> None:
@@ -30,7 +20,7 @@ def _write(docs_dir: str, data: dict) -> None:
 
 @operation()
 def documented(rig: Rig, docs_dir: str, engines: Mapping, models: Mapping,
-               opencode_providers: Mapping | Callable[[Mapping | None], Mapping] | None = None):
+               opencode_providers: Mapping | None = None):
     """
     Write the rig document (``<docs_dir>/<rig>.md`` and ``<rig>.json``) on the machine running
     pyinfra, from facts read when the operation runs, after the rig's other operations.
@@ -38,8 +28,7 @@ def documented(rig: Rig, docs_dir: str, engines: Mapping, models: Mapping,
     + rig: the rig's settings
     + docs_dir: the folder on the controller
     + engines, models: the deploy's plans (name -> BuildPlan / ModelPlan)
-    + opencode_providers: what this rig's opencode.json was given (None: no opencode client),
-      or a function of that file's content returning it, called when the operation runs
+    + opencode_providers: what this rig's opencode.json was given (None: no opencode client)
 
     Nothing is run on the rig but one read-only fact. A file is rewritten (atomically) only
     when its content changes, so a run that changes nothing on the rig changes nothing here
@@ -57,8 +46,6 @@ def documented(rig: Rig, docs_dir: str, engines: Mapping, models: Mapping,
         host.noop(f"{docs_dir}/{rig.name}.md is written from what the rig reports once its "
                   "operations have run")
         return
-    if callable(opencode_providers):
-        opencode_providers = opencode_providers(_opencode_config(rig.data.opencode_config_path))
     layout = rig.layout
     report = host.get_fact(
         RigReport, models_dir=rig.data.models_dir,

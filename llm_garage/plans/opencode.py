@@ -4,9 +4,10 @@ request really gets where only the running server can say it.
 With `parallel` set, llama-server gives each of its slots `ctx_size / parallel`, and that is
 the limit. Without it the engine chooses (newer llama.cpp picks several slots by itself, and
 whether they share one unified cache), so the limit is read back from the server: the `n_ctx`
-its last passed proof found in `/props` (the proof report, `ProofReports`). A server whose
-proof has not passed gives no limit rather than a guess; one that is not part of this run
-(`--limit`) keeps the limit the client's file already has for it, if any.
+its last passed proof found in `/props` (the proof report, `ProofReports`). A server never
+proven gives no limit rather than a guess. One whose last proof failed runs the unit proven
+before it (rolled back), and one not part of this run (`--limit`) cannot be asked: both keep
+the limit the client's file already has for them, if any.
 
 The plan is made twice: while the run is prepared, from the reports the servers hold then,
 and again when the opencode operation runs, after every server of the run was proven."""
@@ -34,7 +35,7 @@ def served_contexts(client: Rig, fleet: Mapping[str, Rig], read: ReadReports
                     ) -> tuple[dict[tuple[str, str], int], set[tuple[str, str]]]:
     """(server, profile) -> n_ctx one request gets, for every profile `client` lists whose
     limit comes from its server and whose last proof passed; and the (server, profile) pairs
-    whose server could not be asked (not in this run)."""
+    that cannot say now: their server is not in this run, or their last proof failed."""
     served: dict[tuple[str, str], int] = {}
     unread: set[tuple[str, str]] = set()
     for name in sorted(fleet):
@@ -49,9 +50,13 @@ def served_contexts(client: Rig, fleet: Mapping[str, Rig], read: ReadReports
             continue
         for profile in wanted:
             report = reports.get(profile)
-            n_ctx = report.get("n_ctx") if isinstance(report, dict) else None
-            if report and report.get("ok") is True and type(n_ctx) is int and n_ctx > 0:
+            if not isinstance(report, dict):
+                continue
+            n_ctx = report.get("n_ctx")
+            if report.get("ok") is True and type(n_ctx) is int and n_ctx > 0:
                 served[(name, profile)] = n_ctx
+            elif report.get("ok") is False:
+                unread.add((name, profile))
     return served, unread
 
 
@@ -66,8 +71,8 @@ def written_context(existing: Mapping | None, provider: str, alias: str) -> int 
 
 def providers(client: Rig, fleet: Mapping[str, Rig], read: ReadReports,
               existing: Mapping | None = None) -> dict[str, Any]:
-    """The client's providers, limits read back where the settings cannot say; for a server
-    not in this run, the limit `existing` (the client's current opencode.json) has."""
+    """The client's providers, limits read back where the settings cannot say; where the
+    server cannot say now, the limit `existing` (the client's current opencode.json) has."""
     served, unread = served_contexts(client, fleet, read)
     for name, profile in sorted(unread):
         server = fleet[name]

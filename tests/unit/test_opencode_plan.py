@@ -59,7 +59,8 @@ def test_only_limits_the_settings_cannot_give_are_read_back_and_only_when_proven
             return None  # not in this run
         return {p: reports.get(p) for p in paths}
 
-    assert plan.served_contexts(ws, fleet, read) == ({("box", "auto"): 2048}, {("other", "x")})
+    assert plan.served_contexts(ws, fleet, read) == (
+        {("box", "auto"): 2048}, {("box", "failed"), ("other", "x")})
     layout = box.layout
     assert asked == [
         ("box", {p: layout.proof_report(p) for p in ("auto", "failed", "never")}),
@@ -77,7 +78,7 @@ def test_only_limits_the_settings_cannot_give_are_read_back_and_only_when_proven
     assert "local" in asked[0][1]
 
 
-def test_a_server_not_in_the_run_keeps_the_limit_the_file_has():
+def test_a_server_that_cannot_say_now_keeps_the_limit_the_file_has():
     box = rig("box", {"auto": {"port": 8001, "ctx_size": 4096}})
     ws = rig("ws", {}, opencode_client=True)
     fleet = {"box": box, "ws": ws}
@@ -94,6 +95,10 @@ def test_a_server_not_in_the_run_keeps_the_limit_the_file_has():
             "auto": {"limit": {"context": "2048"}}}}}}):
         assert "limit" not in plan.providers(ws, fleet, not_in_run, existing)[
             "llm-garage-box-8001"]["models"]["auto"]
+    # A failed proof rolled the server back to the unit the file's limit came from.
+    failed = plan.providers(ws, fleet, lambda name, paths: {
+        "auto": {"ok": False, "n_ctx": 1024, "step": "props"}}, written)
+    assert failed["llm-garage-box-8001"]["models"]["auto"]["limit"]["context"] == 2048
     # Read in this run, the server's report wins over the file.
     fresh = plan.providers(ws, fleet, lambda name, paths: {
         "auto": {"ok": True, "n_ctx": 4096, "slots": 1}}, written)
