@@ -2,24 +2,28 @@
 
 Settings of every host are validated before any operation is added (llm_garage.fleet);
 each task then reads only its host's validated `Rig`, plans from the rig's facts
-(llm_garage/plans/) and calls our operations."""
+(llm_garage/plans/) and calls our operations. A problem found while the run is prepared ends
+it with its message alone, before anything runs on any rig (llm_garage/refusal.py)."""
 
 from pyinfra import host
 
 from llm_garage import deploy_lock
 from llm_garage.fleet import fleet_for, rig_for
+from llm_garage.refusal import refusals_end_the_run
 from tasks import base, docs, engines, gpus, models, opencode, services
 
-rig = rig_for(host)
-# One deploy per rig: each rig's lock is taken before the first operation, released after the last.
-deploy_lock.hold(host.state, {name: (r.layout.deploy_lock, r.data.deploy_lock_wait_s)
-                              for name, r in fleet_for(host.state).items()})
+with refusals_end_the_run():
+    rig = rig_for(host)
+    # One deploy per rig: each rig's lock is taken before the first operation, released after
+    # the last.
+    deploy_lock.hold(host.state, {name: (r.layout.deploy_lock, r.data.deploy_lock_wait_s)
+                                  for name, r in fleet_for(host.state).items()})
 
-base.prepare(rig)
-engine_plans, engine_changes = engines.converge(rig)
-model_plans, model_changes = models.converge(rig)
-gpus.converge(rig)
-proofs = services.converge(rig, engine_plans, model_plans, engine_changes, model_changes)
-engines.switch_proven(rig, engine_plans, proofs)
-opencode.converge(rig, fleet_for(host.state))
-docs.write(rig, fleet_for(host.state), engine_plans, model_plans)
+    base.prepare(rig)
+    engine_plans, engine_changes = engines.converge(rig)
+    model_plans, model_changes = models.converge(rig)
+    gpus.converge(rig)
+    proofs = services.converge(rig, engine_plans, model_plans, engine_changes, model_changes)
+    engines.switch_proven(rig, engine_plans, proofs)
+    opencode.converge(rig, fleet_for(host.state))
+    docs.write(rig, fleet_for(host.state), engine_plans, model_plans)

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import weakref
 
-from pyinfra.api.exceptions import DeployError
-
+from .refusal import Refusal
 from .schema import SettingProblem
 from .settings import Rig, load_rig, raw_host_data
 
 
-class SettingsError(DeployError):
+class SettingsError(Refusal):
     """Every settings problem of the inventory, one line each, raised before any host changes."""
 
     def __init__(self, errors: list[SettingProblem]):

@@ -24,7 +24,8 @@ from typing import Any
 from urllib.parse import quote, urljoin, urlsplit
 
 import requests
-from pyinfra.api.exceptions import DeployError
+
+from .refusal import Refusal
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 SHA1_RE = re.compile(r"[0-9a-f]{40}")
@@ -159,7 +160,7 @@ class Resolved:
         return resolve_url(base, self.spec.repo, self.commit, f.path)
 
 
-class HfError(DeployError):
+class HfError(Refusal):
     """A model that cannot be resolved; the message names the model, the problem and the fix."""
 
 

@@ -27,9 +27,8 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from pyinfra.api.exceptions import DeployError
-
 from . import gguf_header, hf
+from .refusal import Refusal
 from .settings import Rig
 
 LOCK_VERSION = 2
@@ -39,7 +38,7 @@ COMMENT = ("Written by `llm-garage lock <inventory>`: the Hugging Face commit an
            "of every model. Commit it; deploys use these pins and do not ask the API.")
 
 
-class LockError(DeployError):
+class LockError(Refusal):
     """A lock that cannot be used as it is; the message says how to fix it."""
 
 
@@ -241,7 +240,7 @@ def pins(rigs: Mapping[str, Rig] | Iterable[Rig], lock: Lock | None,
          resolver_for: ResolverFor | None, inventory: str | os.PathLike | None = None,
          have_token: bool | None = None) -> dict[tuple[str, str], hf.Resolved]:
     """(host, model name) -> pinned files, from the lock when there is one, else through the
-    API (`resolver_for(endpoint)`; None = offline). Raises one DeployError listing every
+    API (`resolver_for(endpoint)`; None = offline). Raises one LockError listing every
     problem; nothing has run on any host."""
     asked = wanted(rigs)
     if have_token is None:

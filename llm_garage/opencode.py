@@ -4,8 +4,9 @@ user's own file. Pure functions; `tasks/opencode.py` applies them to client host
 One provider per served endpoint. opencode sends a provider's requests to its one
 `options.baseURL`, and the fleet serves each model from its own rig and port, so each enabled
 profile gets a provider `<opencode_provider>-<rig>-<port>` whose `models` holds that server's
-alias (the id its /v1/models answers) with `limit.context` = the context one request gets
-(the profile's -c, divided by --parallel when that is set). The provider
+alias (the id its /v1/models answers) with `limit.context` = the context one request gets:
+the profile's -c divided by --parallel when both are set, else what the running server reports
+(`served`, read back by llm_garage/plans/opencode.py), else no limit. The provider
 keys `<opencode_provider>` and `<opencode_provider>-*` belong to llm-garage: a run replaces
 them all (so a removed profile disappears) and keeps every other key the user wrote."""
 
@@ -54,23 +55,26 @@ def base_url(client: Rig, server: Rig, profile: str) -> str | None:
     return f"http://{_url_host(server.address)}:{port}/v1"
 
 
-def request_context(server: Rig, profile: str) -> int | None:
-    """The context one request gets: llama-server splits -c between its --parallel slots.
-    Without `parallel` the whole -c (the engine picks the slots, and llama.cpp's automatic
-    choice shares one unified cache between them); None when -c is not set."""
+def request_context(server: Rig, profile: str,
+                    served: Mapping[tuple[str, str], int] | None = None) -> int | None:
+    """The context one request gets. With `parallel` and -c set, llama-server gives each slot
+    -c / parallel. Otherwise the engine decides (newer llama.cpp picks several slots by itself,
+    and whether they share one cache): what the running server reported, `served[(server,
+    profile)]`, or None when it has not been read back."""
     p = server.profiles[profile]
-    if not p.ctx_size:
-        return None
-    return p.ctx_size // p.parallel if p.parallel else p.ctx_size
+    if p.parallel and p.ctx_size:
+        return p.ctx_size // p.parallel
+    return (served or {}).get((server.name, profile))
 
 
-def model_entry(client: Rig, server: Rig, profile: str) -> dict[str, Any]:
+def model_entry(client: Rig, server: Rig, profile: str,
+                served: Mapping[tuple[str, str], int] | None = None) -> dict[str, Any]:
     """The model as opencode needs it: limits only when the context size is known, and then
     both of them (opencode refuses `limit` without `output`). The output limit never exceeds
     the context."""
     alias = server.alias(profile)
     entry: dict[str, Any] = {"name": f"{alias} ({server.name})"}
-    context = request_context(server, profile)
+    context = request_context(server, profile, served)
     if context:
         d = client.data
         output = d.opencode_output_limits.get(alias, d.opencode_output_limit)
@@ -78,9 +82,11 @@ def model_entry(client: Rig, server: Rig, profile: str) -> dict[str, Any]:
     return entry
 
 
-def providers_for(client: Rig, fleet: Mapping[str, Rig]) -> dict[str, dict[str, Any]]:
+def providers_for(client: Rig, fleet: Mapping[str, Rig],
+                  served: Mapping[tuple[str, str], int] | None = None
+                  ) -> dict[str, dict[str, Any]]:
     """Every enabled profile of the fleet that `client` can reach, one provider each, in a
-    stable order."""
+    stable order; `served`: (server, profile) -> the context its running server reported."""
     d = client.data
     providers: dict[str, dict[str, Any]] = {}
     for server_name in sorted(fleet):
@@ -98,7 +104,7 @@ def providers_for(client: Rig, fleet: Mapping[str, Rig]) -> dict[str, dict[str, 
                 "npm": NPM_PACKAGE,
                 "name": f"{d.opencode_provider_name} ({server.name}:{p.port})",
                 "options": options,
-                "models": {server.alias(profile): model_entry(client, server, profile)},
+                "models": {server.alias(profile): model_entry(client, server, profile, served)},
             }
     return providers
 

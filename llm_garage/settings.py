@@ -303,7 +303,9 @@ class Profile:
                           check=_ip_address)
     ctx_size: int | None = setting(None, doc="context size in tokens (-c), shared by the "
                                              "parallel slots; opencode's limit.context is "
-                                             "ctx_size / parallel", type="int", flag="-c",
+                                             "ctx_size / parallel when parallel is set, else "
+                                             "the n_ctx the running server reports",
+                                   type="int", flag="-c",
                                    check=optional(is_int(0)))
     n_gpu_layers: int | str | None = setting(None, doc="layers on the GPU (-ngl)",
                                              type="int | 'auto' | 'all'", flag="-ngl",
@@ -322,7 +324,9 @@ class Profile:
                                                          "one value per GPU",
                                                type="list[float]", flag="-ts",
                                                check=optional(_number_list))
-    parallel: int | None = setting(None, doc="server slots (--parallel)", type="int",
+    parallel: int | None = setting(None, doc="server slots (--parallel); empty = the engine's "
+                                             "own choice (newer llama.cpp picks several)",
+                                   type="int",
                                    flag="--parallel", check=optional(is_int(1)))
     flash_attn: str | None = setting(None, doc="flash attention (-fa)", type="'on'|'off'|'auto'",
                                      flag="-fa", check=optional(one_of("on", "off", "auto")))

@@ -1,7 +1,9 @@
 """What every rig needs before anything else: the service user, the folders we own and the
 scripts our operations run on the rig."""
 
+from pyinfra import host
 from pyinfra.api import deploy
+from pyinfra.facts.deb import DebPackages
 from pyinfra.operations import apt, files, server
 
 from llm_garage.layout import RIG_SCRIPTS, script_source
@@ -11,10 +13,18 @@ from llm_garage.settings import Rig
 BASE_PACKAGES = ["python3", "curl", "ca-certificates", "openssl", "git"]
 
 
+def install_packages(name: str, packages: list[str]) -> None:
+    """apt-get install what is missing, after an `apt-get update` only then: a fresh rig may
+    have no package lists, or lists older than its mirror, and a no-op run fetches nothing."""
+    installed = host.get_fact(DebPackages)
+    missing = [p for p in packages if p not in installed]
+    apt.packages(name=name, packages=packages, update=bool(missing))
+
+
 @deploy("Base")
 def prepare(rig: Rig) -> None:
     d, layout = rig.data, rig.layout
-    apt.packages(name="Install base tools", packages=BASE_PACKAGES)
+    install_packages("Install base tools", BASE_PACKAGES)
     for group in d.service_groups:
         server.group(name=f"Ensure group {group}", group=group, system=True)
     server.user(name=f"Ensure service user {d.service_user}", user=d.service_user, system=True,

@@ -11,12 +11,13 @@ from collections.abc import Mapping
 from pyinfra import host
 from pyinfra.api import deploy
 from pyinfra.api.operation import OperationMeta
-from pyinfra.operations import apt, files
+from pyinfra.operations import files
 
 from llm_garage.operations import engine as ops
 from llm_garage.plans import engines as engine_plan
 from llm_garage.plans.engines import BuildPlan
 from llm_garage.settings import Rig
+from tasks.base import install_packages
 
 BUILD_PACKAGES = ["build-essential", "cmake", "git", "ccache", "libssl-dev"]
 
@@ -29,7 +30,7 @@ def converge(rig: Rig) -> tuple[dict[str, BuildPlan], dict[str, list[OperationMe
         return {}, {}
     plans = engine_plan.plan(rig, host.get_fact)
     layout = rig.layout
-    apt.packages(name="Install build tools", packages=BUILD_PACKAGES)
+    install_packages("Install build tools", BUILD_PACKAGES)
     for path in layout.engine_dirs:
         files.directory(name=f"Ensure {path}", path=path, user="root", group="root", mode="755")
     built: dict[str, list[OperationMeta]] = {}

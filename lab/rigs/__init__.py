@@ -13,9 +13,11 @@ Everything here is plain subprocess calls to ip, iptables, mount, systemd-nspawn
 and ssh; it needs root.
 
 The modules: `host` (commands, processes, mounts, what the machine needs), `image` (the cached
-base root filesystem), `network` (bridges, namespaces, veth pairs, NAT), `registry` (the fleets
-on this machine, cleanup after dead owners), `fleet` (`Rig` and `Fleet`), `pyinfra_results`
-(running pyinfra and reading its results); ``python -m lab.rigs`` is the CLI (``scripts/rigs``).
+root filesystems: `FULL`, with the deploy's tools preinstalled, and `MINIMAL`, a bare Debian
+12 with systemd, SSH and python3), `network` (bridges, namespaces, veth pairs, NAT),
+`registry` (the fleets on this machine, cleanup after dead owners), `fleet` (`Rig` and
+`Fleet`), `pyinfra_results` (running pyinfra and reading its results); ``python -m lab.rigs``
+is the CLI (``scripts/rigs``).
 
 Environment: ``GARAGE_RIG_CACHE`` (base rootfs cache, default /var/cache/llm-garage/rigs),
 ``GARAGE_RIG_STATE`` (registry and fleet state, default /var/tmp/llm-garage-rigs),
@@ -25,11 +27,13 @@ Environment: ``GARAGE_RIG_CACHE`` (base rootfs cache, default /var/cache/llm-gar
 
 from lab.rigs.fleet import Fleet, Rig, ccache_binds
 from lab.rigs.host import RigError, missing_requirements
-from lab.rigs.image import base_path, ensure_base
+from lab.rigs.image import FULL, MINIMAL, base_path, ensure_base
 from lab.rigs.registry import DEFAULT_STATE_ROOT, cleanup_stale, list_fleets
 
 __all__ = [
     "DEFAULT_STATE_ROOT",
+    "FULL",
+    "MINIMAL",
     "Fleet",
     "Rig",
     "RigError",

@@ -32,7 +32,7 @@ from lab.rigs.host import (
     _umount,
     missing_requirements,
 )
-from lab.rigs.image import ensure_base
+from lab.rigs.image import FULL, Image, ensure_base
 from lab.rigs.network import (
     BRIDGE_PREFIX,
     FIRST_RIG_OCTET,
@@ -221,6 +221,7 @@ class Fleet:
     `name` defaults to one derived from the allocated subnet; `state_dir` (default
     ``$GARAGE_RIG_STATE/<name>``, ``/var/tmp/llm-garage-rigs/<name>``) holds the overlay upper
     dirs, the SSH key and logs. A `detached` fleet outlives its process (the CLI's sandbox).
+    `image` is the root filesystem its rigs boot (`lab.rigs.image.FULL` or `MINIMAL`).
     """
 
     def __init__(
@@ -231,6 +232,7 @@ class Fleet:
         detached: bool = False,
         masquerade: bool = True,
         cache_dir: str | os.PathLike | None = None,
+        image: Image = FULL,
     ):
         missing = missing_requirements()
         if missing:
@@ -242,7 +244,7 @@ class Fleet:
         self._torn_down = False
         self.rigs: dict[str, Rig] = {}
         cleanup_stale(self._registry)
-        self.base = ensure_base(Path(cache_dir) if cache_dir else None)
+        self.base = ensure_base(Path(cache_dir) if cache_dir else None, image)
         with self._registry.locked() as data:
             fleets = data["fleets"]
             if name is not None and any(e["name"] == name for e in fleets.values()):

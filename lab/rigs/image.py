@@ -1,4 +1,9 @@
-"""The rigs' base root filesystem: Debian bookworm by debootstrap, built once and cached.
+"""The rigs' root filesystems: Debian bookworm by debootstrap, built once and cached.
+
+Two images, built the same way from their own package lists: `FULL` (the default), which
+already holds the tools the deploy installs so that most tests stay fast and offline, and
+`MINIMAL`, a bare Debian 12 with systemd, SSH and python3 only, on which a deploy must install
+everything it needs itself. Each is cached under its own name, keyed by its package list.
 
 ``GARAGE_RIG_CACHE`` moves the cache (default /var/cache/llm-garage/rigs)."""
 
@@ -13,6 +18,7 @@ import re
 import shutil
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from lab.rigs.host import _run, _step
@@ -47,6 +53,16 @@ BASE_PACKAGES: tuple[str, ...] = (
     "openssl",
 )
 
+# The bare image: what a minimal Debian 12 with systemd, an SSH server and python3 has. No git,
+# curl, CA certificates, compilers, cmake or ccache.
+MINIMAL_PACKAGES: tuple[str, ...] = (
+    "systemd",
+    "systemd-sysv",
+    "dbus",
+    "openssh-server",
+    "python3",
+)
+
 # Units that only get in the way inside a short-lived test container.
 MASKED_UNITS: tuple[str, ...] = (
     "apt-daily.timer",
@@ -70,28 +86,48 @@ def _cache_dir() -> Path:
 
 
 
-def base_key() -> str:
-    spec = json.dumps(
-        {
+@dataclass(frozen=True)
+class Image:
+    """One root filesystem variant: its cache folder is `<prefix>-<key>`, the key covering
+    the harness version, suite, mirror, packages, masked units and whether apt's package lists
+    are kept (`apt_lists`; without them the first `apt-get install` fails until an update,
+    as on a fresh cloud or container image)."""
+
+    prefix: str
+    packages: tuple[str, ...]
+    apt_lists: bool = True
+
+    def key(self) -> str:
+        spec = {
             "version": HARNESS_VERSION,
             "suite": SUITE,
             "mirror": MIRROR,
-            "packages": sorted(BASE_PACKAGES),
+            "packages": sorted(self.packages),
             "masked": sorted(MASKED_UNITS),
-        },
-        sort_keys=True,
-    )
-    return hashlib.sha256(spec.encode()).hexdigest()[:16]
+        }
+        if self.prefix != "base":  # the full image's key predates variants: kept as it was
+            spec["image"] = self.prefix
+            spec["apt_lists"] = self.apt_lists
+        return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def base_path(cache_dir: Path | None = None) -> Path:
-    return (cache_dir or _cache_dir()) / f"base-{base_key()}"
+FULL = Image("base", BASE_PACKAGES)
+MINIMAL = Image("minimal", MINIMAL_PACKAGES, apt_lists=False)
 
 
-def ensure_base(cache_dir: Path | None = None) -> Path:
-    """The cached base root filesystem, built first if missing. Safe to call concurrently."""
+def base_key(image: Image = FULL) -> str:
+    return image.key()
+
+
+def base_path(cache_dir: Path | None = None, image: Image = FULL) -> Path:
+    return (cache_dir or _cache_dir()) / f"{image.prefix}-{image.key()}"
+
+
+def ensure_base(cache_dir: Path | None = None, image: Image = FULL) -> Path:
+    """The cached root filesystem of `image`, built first if missing. Safe to call
+    concurrently."""
     cache_dir = cache_dir or _cache_dir()
-    final = base_path(cache_dir)
+    final = base_path(cache_dir, image)
     if (final / ".garage-base").is_file():
         return final
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -99,28 +135,30 @@ def ensure_base(cache_dir: Path | None = None) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (final / ".garage-base").is_file():
             return final
-        for stale in [*cache_dir.glob(".tmp-base-*"), *cache_dir.glob(".trash-base-*")]:
-            log.info("removing half-built base %s", stale)
+        for stale in [*cache_dir.glob(f".tmp-{image.prefix}-*"),
+                      *cache_dir.glob(f".trash-{image.prefix}-*")]:
+            log.info("removing half-built image %s", stale)
             shutil.rmtree(stale, ignore_errors=True)
-        tmp = cache_dir / f".tmp-base-{base_key()}-{os.getpid()}"
-        with _step(f"building base rootfs {final.name} (debootstrap {SUITE}, one-off)"):
+        tmp = cache_dir / f".tmp-{image.prefix}-{image.key()}-{os.getpid()}"
+        with _step(f"building rootfs {final.name} (debootstrap {SUITE}, one-off)"):
             try:
-                _build_base(tmp, cache_dir / "debs")
+                _build_base(tmp, cache_dir / "debs", image)
                 if final.exists():  # a directory without the marker is not a base
                     shutil.rmtree(final)
                 os.rename(tmp, final)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
-        _remove_unused_bases(cache_dir, keep=final)
+        _remove_unused_bases(cache_dir, keep=final, image=image)
     return final
 
 
-def _remove_unused_bases(cache_dir: Path, keep: Path) -> None:
-    """Old bases (another package list or harness version) that no fleet uses any more."""
+def _remove_unused_bases(cache_dir: Path, keep: Path, image: Image = FULL) -> None:
+    """Old builds of the same image (another package list or harness version) that no fleet
+    uses any more. Other images' folders are left alone."""
     in_use = {e["base"] for e in list_fleets()} | {str(keep)}
-    for old in cache_dir.glob("base-*"):
+    for old in cache_dir.glob(f"{image.prefix}-*"):
         if str(old) not in in_use:
-            log.info("removing unused base %s (in the background)", old.name)
+            log.info("removing unused image %s (in the background)", old.name)
             trash = cache_dir / f".trash-{old.name}-{os.getpid()}"
             os.rename(old, trash)
             subprocess.Popen(
@@ -132,7 +170,7 @@ def _remove_unused_bases(cache_dir: Path, keep: Path) -> None:
             )
 
 
-def _build_base(root: Path, deb_cache: Path) -> None:
+def _build_base(root: Path, deb_cache: Path, image: Image = FULL) -> None:
     deb_cache.mkdir(parents=True, exist_ok=True)
     with _step("debootstrap"):
         _run(
@@ -140,7 +178,7 @@ def _build_base(root: Path, deb_cache: Path) -> None:
                 "debootstrap",
                 "--variant=minbase",
                 "--components=main",
-                f"--include={','.join(BASE_PACKAGES)}",
+                f"--include={','.join(image.packages)}",
                 f"--cache-dir={deb_cache}",
                 SUITE,
                 str(root),
@@ -199,7 +237,9 @@ def _build_base(root: Path, deb_cache: Path) -> None:
                 "sh",
                 "-euc",
                 f"apt-get -q update && {env} apt-get -qy -o Dpkg::Options::=--force-confold "
-                "upgrade && apt-get clean",
+                "upgrade && apt-get clean"
+                + ("" if image.apt_lists else " && find /var/lib/apt/lists -maxdepth 1 -type f "
+                   "! -name lock -delete"),
             ],
             timeout=1800,
         )
@@ -231,10 +271,12 @@ def _build_base(root: Path, deb_cache: Path) -> None:
     (root / ".garage-base").write_text(
         json.dumps(
             {
-                "key": base_key(),
+                "key": image.key(),
+                "image": image.prefix,
                 "version": HARNESS_VERSION,
                 "suite": SUITE,
-                "packages": list(BASE_PACKAGES),
+                "packages": list(image.packages),
+                "apt_lists": image.apt_lists,
                 "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             },
             indent=2,

@@ -13,7 +13,9 @@ pyinfra 3.10 reports results two ways, both parsed here:
   figures come from the log lines and must add up to the table's grand total.
 
 When pyinfra aborts (``--> pyinfra error: No hosts remaining!``) neither the JSON nor the table
-is printed; the per-host log lines are then all there is, and the result says so.
+is printed; the per-host log lines are then all there is, and the result says so. A run the
+deploy refused while it was prepared (llm_garage/refusal.py) prints its message alone, which
+always says ``nothing was changed on any host``; that line is the result's error.
 
 Output that fits none of this raises `ResultParseError`: unreadable output never passes for
 "nothing changed".
@@ -41,6 +43,7 @@ HOST_STATUS_RE = re.compile(
 )
 CONNECT_FAIL_RE = re.compile(r"^\s*\[(?P<host>[^\]]+)\]\s+Could not connect")
 PYINFRA_ERROR_RE = re.compile(r"^--> pyinfra error(?: in .+? line \d+)?: (?P<msg>.*)$")
+REFUSAL_RE = re.compile(r"nothing was changed on any host", re.IGNORECASE)
 TABLE_HEADER_RE = re.compile(r"^(?P<indent>\s*)Operation\s+Hosts\s+Success\s+Error\s+No Change\s*$")
 TABLE_COLUMNS = ("Hosts", "Success", "Error", "No Change")
 
@@ -84,7 +87,7 @@ class PyinfraResult:
     hosts: dict[str, HostResult]
     totals: dict[str, int]  # hosts/success/error/no_change, as pyinfra counts them
     source: str  # "json", "text", or "log-only" (pyinfra aborted before its results)
-    error: str | None = None  # pyinfra's own "--> pyinfra error: ..." message
+    error: str | None = None  # pyinfra's "--> pyinfra error: ..." message, or our refusal
     duration: float = 0.0
     dry: bool = False  # a --dry run: "changed" means "would change"
 
@@ -136,6 +139,9 @@ def parse_pyinfra_output(
         match = PYINFRA_ERROR_RE.match(line.strip())
         if match:
             error = match.group("msg").strip()
+    if error is None and returncode != 0:
+        refused = [line.strip() for line in stderr_clean.splitlines() if REFUSAL_RE.search(line)]
+        error = refused[0] if refused else None
 
     def make(hosts, totals, source, dry=False):
         return PyinfraResult(

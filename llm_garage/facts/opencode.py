@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shlex
 
 from pyinfra.api import FactBase
@@ -29,3 +30,37 @@ class ConfigFile(FactBase):
             if key in ("real", "mode"):
                 info[key] = value
         return info
+
+
+REPORT_MARK = "==> llm-garage proof"
+
+
+class ProofReports(FactBase):
+    """What the last proof of each service found, as `garage-server-check --report` wrote it:
+    `{profile: report dict, or None when there is none or it is not JSON}`. The report holds
+    `ok`, `n_ctx` (the context one request gets, from the server's /props) and `slots`.
+
+    + reports: profile -> the report's path on the rig"""
+
+    def command(self, reports: dict):
+        q = shlex.quote
+        return "; ".join(f"printf '\\n{REPORT_MARK} %s\\n' {q(profile)}; cat -- {q(path)} "
+                         "2>/dev/null" for profile, path in sorted(reports.items())) + "; true"
+
+    def process(self, output):
+        found: dict[str, list[str]] = {}
+        current = None
+        for line in output:
+            if line.startswith(REPORT_MARK + " "):
+                current = line[len(REPORT_MARK) + 1:]
+                found[current] = []
+            elif current is not None:
+                found[current].append(line)
+        out = {}
+        for profile, lines in found.items():
+            try:
+                report = json.loads("\n".join(lines)) if "".join(lines).strip() else None
+            except ValueError:
+                report = None
+            out[profile] = report if isinstance(report, dict) else None
+        return out

@@ -6,16 +6,16 @@ import dataclasses
 
 from pyinfra import host
 from pyinfra.api import QuoteString, StringCommand, operation
-from pyinfra.api.exceptions import DeployError
 
 from llm_garage.facts.gpu import Gpu, GpuTable
+from llm_garage.refusal import Refusal
 
 # nvidia-smi reports limits to the hundredth of a watt, and some drivers round what they were
 # given; a limit this close to the wanted one is not drift.
 WATTS_TOLERANCE = 0.5
 
 
-class GpuError(DeployError):
+class GpuError(Refusal):
     """The rig's GPUs cannot take the configured settings; raised before anything is set."""
 
 

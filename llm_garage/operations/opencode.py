@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import posixpath
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from pyinfra import host
 from pyinfra.api import QuoteString, StringCommand, operation
@@ -17,12 +17,18 @@ _MAKE_DIRS = ('mk() { [ -d "$1" ] && return 0; mk "$(dirname "$1")" "$2" && '
 
 
 @operation()
-def config_merged(path: str, providers: Mapping[str, dict], prefix: str, owner: str):
+def config_merged(path: str,
+                  providers: Mapping[str, dict] | Callable[[Mapping | None], Mapping[str, dict]],
+                  prefix: str, owner: str):
     """
     Merge our providers into an opencode.json, keeping everything else the user wrote.
 
     + path: the opencode.json (a symlink is followed: its target is written)
-    + providers: provider id -> provider, from ``llm_garage.opencode.providers_for``
+    + providers: provider id -> provider, from ``llm_garage.opencode.providers_for``; or a
+      function of the file's current content (None: no file) returning them, called each
+      time the operation decides (while the run is prepared, and again when it runs, after
+      the operations before it: for values read back from servers,
+      ``llm_garage.plans.opencode``)
     + prefix: our provider namespace; providers ``prefix`` and ``prefix-*`` are replaced
     + owner: user owning the file (and any folder created for it)
 
@@ -52,6 +58,8 @@ def config_merged(path: str, providers: Mapping[str, dict], prefix: str, owner: 
         if had_comments:
             host.log(f"{real} has comments: they are not kept when it is rewritten "
                      f"(the original is kept as {real}{opencode.BACKUP_SUFFIX} the first time)")
+    if callable(providers):
+        providers = providers(existing)
     if existing is None and not providers:
         host.noop(f"no {real} and no provider to write into it")
         return

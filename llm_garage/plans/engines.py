@@ -16,11 +16,11 @@ from collections.abc import Callable
 from typing import Any
 
 from pyinfra import logger
-from pyinfra.api.exceptions import DeployError
 from pyinfra.facts.hardware import Cpus
 
 from llm_garage.facts.engine import CudaToolkit, GitRemoteRefs, PinRecords, parse_ls_remote
 from llm_garage.facts.gpu import GpuComputeCaps, NvidiaDriver
+from llm_garage.refusal import Refusal
 from llm_garage.settings import Engine, Rig, flags_hash
 
 # Oldest CUDA toolkit that compiles for an architecture (its number without a/f/-real suffix).
@@ -52,7 +52,7 @@ CUDA_INSTALL_HINT = (
 GetFact = Callable[..., Any]
 
 
-class EngineError(DeployError):
+class EngineError(Refusal):
     """An engine pin or toolchain problem found before any operation runs."""
 
 

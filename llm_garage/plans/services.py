@@ -8,11 +8,10 @@ import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from pyinfra.api.exceptions import DeployError
-
 from llm_garage import units
 from llm_garage.layout import service_name, unit_path
 from llm_garage.plans.engines import BuildPlan
+from llm_garage.refusal import Refusal
 from llm_garage.settings import IK_LLAMA_CPP, Rig
 
 if TYPE_CHECKING:  # plans.models loads requests, which must come after gevent's patching
@@ -101,7 +100,7 @@ def plan(rig: Rig, engines: Mapping[str, BuildPlan],
     missing = [f"{p} (model {rig.profiles[p].model})" for p in enabled
                if rig.profiles[p].model not in models or rig.profiles[p].engine not in engines]
     if missing:
-        raise DeployError(f"host {rig.name!r}: no engine build or model files for profile(s) "
+        raise Refusal(f"host {rig.name!r}: no engine build or model files for profile(s) "
                           + ", ".join(missing))
     plans = []
     for profile in enabled:

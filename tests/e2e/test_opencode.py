@@ -103,3 +103,43 @@ def test_opencode_json_merged_accepted_and_working(
         assert status == "200", provider_id
     assert sh(epyc, f"curl -s -o /dev/null -w '%{{http_code}}' -d '{{}}' "
                     f"http://{epyc_ip}:8001/v1/chat/completions") == "401"
+
+
+def test_limit_context_is_read_back_from_the_server_when_parallel_is_unset(
+        start_rigs, write_inventory, converge, pyinfra_run, hub, git_url, tmp_path):
+    """`auto` sets no `parallel`, and its environment makes the server pick 2 slots itself (as
+    newer llama.cpp does): each request gets 2048 of its 4096, which only the server can say.
+    `set` gives parallel: the limit comes from the settings. The client is another rig."""
+    garage, ws = start_rigs("garage", "ws")
+    env = controller_env(tmp_path)
+    two_slots = {"FIXTURE_LOAD_SECONDS": "0.3", "LLAMA_ARG_N_PARALLEL": "2"}
+    hosts = {
+        "garage": rig_data(hub, git_url, {
+            "auto": profile(8000, alias="auto", environment=two_slots),
+            "set": profile(8001, alias="set", ctx_size=8192, parallel=2)}),
+        "ws": rig_data(hub, git_url, {"own": profile(8002, alias="own", ctx_size=2048)},
+                       opencode_client=True),
+    }
+
+    converge(write_inventory(hosts), env=env)
+
+    config = json.loads(sh(ws, "cat /root/.config/opencode/opencode.json"))
+    limits = {pid: next(iter(p["models"].values()))["limit"]
+              for pid, p in config["provider"].items()}
+    assert limits == {
+        "llm-garage-garage-8000": {"context": 2048, "output": 2048},
+        "llm-garage-garage-8001": {"context": 4096, "output": 4096},
+        "llm-garage-ws-8002": {"context": 2048, "output": 2048},
+    }
+    report = json.loads(sh(garage, "cat /opt/llm-garage/state/services/"
+                                   "llama-server-auto.proof.json"))
+    assert (report["ok"], report["n_ctx"], report["slots"]) == (True, 2048, 2)
+
+    # The server's own choice changes (one slot now): the limit follows once it is proven.
+    hosts["garage"]["profiles"]["auto"]["environment"] = {"FIXTURE_LOAD_SECONDS": "0.3"}
+    first, _ = converge(write_inventory(hosts), env=env)
+    assert "opencode | Providers of the fleet in /root/.config/opencode/opencode.json" in \
+        first.changes()["ws"]
+    config = json.loads(sh(ws, "cat /root/.config/opencode/opencode.json"))
+    assert config["provider"]["llm-garage-garage-8000"]["models"]["auto"]["limit"] == {
+        "context": 4096, "output": 4096}

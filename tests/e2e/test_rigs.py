@@ -122,6 +122,21 @@ TEXT_ABORTED = """\
 """
 
 
+TEXT_REFUSED = """\
+--> Loading config...
+--> Loading inventory...
+--> Connecting to hosts...
+    [rig1] Connected
+
+--> Preparing operation files...
+    Loading: deploy.py
+
+--> Disconnecting from hosts...
+1 settings problem(s); nothing was changed on any host:
+  - host 'rig1': profiles.a.port: 70000 is out of range (accepted: a whole number from 1 to 65535)
+"""
+
+
 def _json_run(changed: dict[str, list[str]], hosts=("rig1", "rig2")) -> str:
     ops = ["Write the smoke message", "Install garage-smoke.service", "Run garage-smoke.service"]
     operations = []
@@ -185,6 +200,14 @@ def test_parser_reports_an_aborted_run_as_failed():
     assert result.error == "No hosts remaining!"
     assert result.hosts["rig1"].error_ops == ["server.shell (false)"]
     assert result.hosts["rig2"].failed
+
+
+def test_parser_reports_a_refused_run_with_its_message():
+    result = parse_pyinfra_output("", TEXT_REFUSED, 1)
+    assert not result.ok and result.source == "log-only" and result.hosts == {}
+    assert result.error == "1 settings problem(s); nothing was changed on any host:"
+    with pytest.raises(ResultParseError):  # the same words in a run that succeeded are no error
+        parse_pyinfra_output("", TEXT_REFUSED, 0)
 
 
 @pytest.mark.parametrize(

@@ -37,7 +37,8 @@ def rig(name, profiles, **data):
 # --- providers -----------------------------------------------------------------------------
 
 def test_providers_of_the_reference_fleet(garage):
-    providers = opencode.providers_for(garage["epyc"], garage)
+    # epyc's profile sets no `parallel`: its limit is what its server reported (read back).
+    providers = opencode.providers_for(garage["epyc"], garage, {("epyc", "qwen397"): 262144})
     assert providers == {
         "llm-garage-epyc-8000": {
             "npm": "@ai-sdk/openai-compatible",
@@ -71,7 +72,8 @@ def test_limits_keys_loopback_and_addresses(monkeypatch):
              opencode_provider_name="Garage", opencode_output_limit=16384,
              opencode_output_limits={"model-a": 8192})
     fleet = {"box": box, "ws": ws}
-    mine = opencode.providers_for(ws, fleet)
+    served = {("box", "a"): 65536, ("box", "b"): 4096, ("box", "local"): 8192}
+    mine = opencode.providers_for(ws, fleet, served)
     assert sorted(mine) == ["garage-box-8001", "garage-box-8002", "garage-box-8003"]
     assert mine["garage-box-8001"]["options"] == {"baseURL": "http://[fd00::7]:8001/v1",
                                                   "apiKey": "{env:BOX_KEY}"}
@@ -80,33 +82,45 @@ def test_limits_keys_loopback_and_addresses(monkeypatch):
     assert mine["garage-box-8002"]["models"]["b"]["limit"] == {"context": 4096, "output": 4096}
     assert mine["garage-box-8003"]["models"] == {"c": {"name": "c (box)"}}
     # The rig itself also reaches its loopback-bound server.
-    own = opencode.providers_for(box, fleet)
+    own = opencode.providers_for(box, fleet, served)
     assert own["llm-garage-box-8004"]["options"] == {"baseURL": "http://127.0.0.1:8004/v1"}
+    assert own["llm-garage-box-8004"]["models"]["local"]["limit"]["context"] == 8192
     assert "never-written" not in json.dumps(own)
 
 
 def test_limit_context_is_what_one_request_gets():
-    # llama-server splits -c between its --parallel slots; without parallel the whole -c.
+    # With parallel set, llama-server gives each slot -c / parallel: from the settings.
+    # Without it the engine chooses: only what the running server reported, never a guess.
     box = rig("box", {
         "four": {"port": 8001, "ctx_size": 131072, "parallel": 4},
         "one": {"port": 8002, "ctx_size": 131072, "parallel": 1},
         "auto": {"port": 8003, "ctx_size": 131072},
         "odd": {"port": 8004, "ctx_size": 10000, "parallel": 3},
         "small": {"port": 8005, "ctx_size": 65536, "parallel": 8},
+        "unread": {"port": 8006, "ctx_size": 4096},
+        "default": {"port": 8007},
     })
-    limits = {p["name"].split(":")[1].rstrip(")"): next(iter(p["models"].values()))["limit"]
-              for p in opencode.providers_for(box, {"box": box}).values()}
-    assert limits == {
-        "8001": {"context": 32768, "output": 32768},
+    # what the servers reported: "auto" got 4 slots, "default" the model's own context
+    served = {("box", "auto"): 32768, ("box", "default"): 40960, ("box", "four"): 1}
+
+    def limits(served):
+        return {p["name"].split(":")[1].rstrip(")"): next(iter(p["models"].values())).get(
+                "limit") for p in opencode.providers_for(box, {"box": box}, served).values()}
+
+    assert limits(served) == {
+        "8001": {"context": 32768, "output": 32768},  # the settings say it: not read back
         "8002": {"context": 131072, "output": 32768},
-        "8003": {"context": 131072, "output": 32768},
+        "8003": {"context": 32768, "output": 32768},
         "8004": {"context": 3333, "output": 3333},
         "8005": {"context": 8192, "output": 8192},
+        "8006": None,
+        "8007": {"context": 40960, "output": 32768},
     }
+    assert limits(None) == {**limits(served), "8003": None, "8007": None}
 
 
 def test_output_limit_default_is_the_documented_one():
-    box = rig("box", {"p": {"port": 8001, "ctx_size": 262144}})
+    box = rig("box", {"p": {"port": 8001, "ctx_size": 262144, "parallel": 1}})
     entry = opencode.model_entry(box, box, "p")
     assert entry["limit"] == {"context": 262144, "output": 32768}
     readme = (REPO / "README.md").read_text()
@@ -208,6 +222,25 @@ def test_op_new_file_has_no_backup_and_default_mode():
     strings = [c for c in run.raw if isinstance(c, str)]
     assert not any(".llm-garage.orig" in s for s in strings)
     assert "chmod 644 /r/o.json.llm-garage.tmp" in strings
+
+
+def test_op_gives_a_providers_function_the_file_as_it_is():
+    seen = []
+
+    def providers(existing):
+        seen.append(existing)
+        return PROVIDERS
+
+    text = opencode.dumps({"theme": "x"})
+    run = run_merge({"real": "/r/o.json", "mode": "644", "text": text}, path="/r/o.json",
+                    providers=providers, prefix="llm-garage", owner="root")
+    upload = next(c for c in run.commands if isinstance(c, FileUploadCommand))
+    assert json.loads(upload.src.getvalue()) == {"theme": "x", "provider": PROVIDERS}
+    assert seen == [{"theme": "x"}]
+    seen.clear()
+    run_merge({"real": "/r/o.json", "mode": None, "text": None}, path="/r/o.json",
+              providers=providers, prefix="llm-garage", owner="root")
+    assert seen == [None]
 
 
 def test_op_refuses_a_broken_file_without_touching_it():
