@@ -384,7 +384,9 @@ def test_a_deploy_killed_anywhere_loses_nothing_and_the_rerun_converges(
                     losses += store_losses(rig) + build_losses(rig) + unit_losses(rig)
                     at_kill = {"unit": text(rig, UNIT), "opencode": text(rig, OPENCODE)}
                     walk.hub.faults.clear()
-                    converge(walk.inventory(), env=env)
+                    rerun, _ = converge(walk.inventory(), env=env)
+                    if not re.search(r"deploy lock \S+ \(.*\) taken over", rerun.stderr):
+                        losses.append("the rerun did not take over the killed run's lock")
                     losses += converged_losses(rig, walk)
                     for name, path in (("unit", UNIT), ("opencode", OPENCODE)):
                         if at_kill[name] not in (facts[name], text(rig, path)):
