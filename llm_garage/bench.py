@@ -126,7 +126,7 @@ def rig_command(rig: Rig, profile: str, depths: Sequence[tuple[int, str]], gen: 
 def ssh_argv(name: str, data: Mapping[str, Any], command: Sequence[str]) -> list[str]:
     """ssh's command line reaching the rig as pyinfra does (ssh_hostname, ssh_port, ssh_user,
     ssh_key, ssh_known_hosts_file, ssh_strict_host_key_checking; sudo with _sudo)."""
-    argv = ["ssh", "-T", "-o", "BatchMode=yes"]
+    argv = ["ssh", "-T", "-o", "BatchMode=yes", "-o", "LogLevel=ERROR"]
     if data.get("ssh_port"):
         argv += ["-p", str(data["ssh_port"])]
     if data.get("ssh_user"):
@@ -315,8 +315,9 @@ def measure(rig: Rig, profile: str, host_data: Mapping[str, Any],
                     say(f"warning: {service_name(profile)} is {event.get('unit')} after the "
                         "run (the bench never stops it)")
             elif kind == "exit" and event.get("rc") and ended is None:
-                ended = (f"garage-bench exited with status {event['rc']} (is the rig "
-                         "deployed with this version of llm-garage?)")
+                ended = f"garage-bench exited with status {event['rc']}"
+                if event["rc"] == 127:
+                    ended += " (not installed: deploy the rig with this llm-garage first)"
     except KeyboardInterrupt:
         ended = "stopped (Ctrl-C)"
     finally:

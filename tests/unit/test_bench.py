@@ -435,7 +435,7 @@ def test_the_command_on_the_rig_names_the_key_file_never_the_key(monkeypatch):
     argv = bench.ssh_argv("garage", {"ssh_hostname": "10.0.0.5", "ssh_user": "root",
                                      "ssh_key": "/k", "ssh_port": 2222, "_sudo": True},
                           command)
-    assert argv[:4] == ["ssh", "-T", "-o", "BatchMode=yes"]
+    assert argv[:6] == ["ssh", "-T", "-o", "BatchMode=yes", "-o", "LogLevel=ERROR"]
     assert argv[-2] == "10.0.0.5" and argv[-1].startswith("sudo -n /opt/llm-garage/bin/")
     assert "-p" in argv and "2222" in argv and "/k" in argv
     assert not any("sk-never-shown" in word for word in argv)
