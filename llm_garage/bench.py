@@ -471,7 +471,7 @@ def run_report(recs: Sequence[Mapping[str, Any]]) -> list[str]:
 def _delta(a: float | None, b: float | None, digits: int = 1) -> str:
     if a is None or b is None:
         return f"{_fmt(a, digits)} → {_fmt(b, digits)}"
-    pct = f" ({(b - a) / a * 100:+.1f}%)" if a else ""
+    pct = f" ({round((b - a) / a * 100, 1) + 0.0:+.1f}%)" if a else ""  # never "-0.0%"
     return f"{_fmt(a, digits)} → {_fmt(b, digits)}{pct}"
 
 
@@ -530,6 +530,7 @@ def chart(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: Path) -> dict[s
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         raise BenchError(CHART_MISSING) from None
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.8), constrained_layout=True)
@@ -537,13 +538,21 @@ def chart(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: Path) -> dict[s
     titles = ("Prefill t/s", "Decode t/s", "Decode tokens/kWh")
     columns = ("prefill_tps_mean", "decode_tps_mean", "decode_tokens_per_kwh_mean")
     for ax, title, column in zip(axes, titles, columns, strict=True):
+        top = 0.0
         for run_id, recs in runs.items():
             rows = [r for r in summary(recs) if r[column] is not None]
+            top = max([top] + [r[column] for r in rows])
             if rows:
                 ax.plot([r["depth"] for r in rows], [r[column] for r in rows], marker="o",
                         label=run_id)
                 drawn.setdefault(title, []).append(run_id)
         ax.set_xscale("log", base=2)
+        ticks = sorted({r["depth"]: r["label"] for recs in runs.values()
+                        for r in summary(recs)}.items())
+        ax.set_xticks([d for d, _ in ticks], [label for _, label in ticks])
+        ax.minorticks_off()
+        ax.set_ylim(0, top * 1.15 or 1)
+        ax.yaxis.set_major_formatter(matplotlib.ticker.StrMethodFormatter("{x:,.0f}"))
         ax.set_xlabel("context (tokens)")
         ax.set_title(title)
         ax.grid(True, alpha=0.3)

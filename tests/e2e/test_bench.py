@@ -109,18 +109,26 @@ def test_the_sweep_measures_the_running_server_and_compares_runs(
     assert server_pid(rig) == pid
     assert sh(rig, "systemctl is-active llama-server-a.service") == "active"
 
-    # a second run, then the two compared
-    time.sleep(1)  # run ids are to the second
-    out = bench_cli(inventory, "--depths", "1k", "--gen", "32", "--repeat", "1", env=env)
+    # another power limit (a GPU setting: the server is not restarted), a second run, then
+    # the two compared
+    inventory = write_inventory({"rig1": rig_data(hub, git_url, profiles, gpu_count=2,
+                                                  gpu_power_limit_w=350)})
+    pyinfra_run(inventory, env=env)
+    assert server_pid(rig) == pid
+    out = bench_cli(inventory, "--depths", "1k,2k", "--gen", "32", "--repeat", "1", env=env)
     assert out.returncode == 0, out.stdout + out.stderr
     runs = bench_cli(inventory, "--list", env=env).stdout.splitlines()
     assert len(runs) == 2 and runs[0].startswith(run_id)
     second = runs[1].split(":")[0]
-    out = bench_cli(inventory, "--compare", run_id, second, env=env)
+    assert second != run_id
+    out = bench_cli(inventory, "--compare", run_id, second[-12:], env=env)
     assert out.returncode == 0, out.stderr
-    assert "- nothing in the run's key" in out.stdout
-    assert next(line for line in out.stdout.splitlines() if line.startswith("| 1K | "))
-    assert "Measured in one run only: 512, 2K" in out.stdout
+    print(out.stdout)  # the README's comparison comes from here
+    assert "- power limits (W): 280.0, 280.0 → 350.0, 350.0" in out.stdout
+    assert "- engine" not in out.stdout and "- model files" not in out.stdout
+    row = next(line for line in out.stdout.splitlines() if line.startswith("| 1K | "))
+    assert row.count("→") == 5
+    assert "Measured in one run only: 512" in out.stdout
     assert (inventory.parent / "bench-results" / f"compare-{run_id}-vs-{second}.png").exists()
 
     # Ctrl-C: the run stops on the rig too, the sampler with it; the server keeps serving
