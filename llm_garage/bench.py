@@ -318,6 +318,8 @@ def measure(rig: Rig, profile: str, host_data: Mapping[str, Any],
                 ended = f"garage-bench exited with status {event['rc']}"
                 if event["rc"] == 127:
                     ended += " (not installed: deploy the rig with this llm-garage first)"
+                elif event["rc"] == 255:
+                    ended += " (ssh could not reach the rig, or the connection broke)"
     except KeyboardInterrupt:
         ended = "stopped (Ctrl-C)"
     finally:

@@ -254,6 +254,8 @@ def cmd_bench(args) -> int:
         hosts = {host.name: host for host in inventory}
         plans = [(rig, bench.choose_profile(rig, args.profile))
                  for _, rig in sorted(rigs.items()) if rig.enabled_profiles or args.limit]
+        if not plans:
+            raise bench.BenchError("no rig serves an enabled profile")
     except (SettingsError, bench.BenchError) as e:
         print(f"llm-garage: {args.inventory}: {e}", file=sys.stderr)
         return 1

@@ -456,3 +456,52 @@ def test_profile_choice():
         bench.choose_profile(a_rig(), "x")
     with pytest.raises(bench.BenchError, match="profile 'q' is disabled"):
         bench.choose_profile(a_rig(enabled=False), "q")
+
+
+# --- the command ------------------------------------------------------------------------------
+
+def write_inventory(tmp_path, **extra):
+    data = {"ssh_hostname": "127.0.0.1", "ssh_port": 9, "ssh_user": "root", "gpu_count": 2,
+            "engines": {"llama": {"kind": "llama.cpp", "ref": "b8137"}},
+            "models": {"q": {"repo": "o/r", "revision": "main", "quant": "Q4_K_M"}},
+            "profiles": {"q": {"model": "q", "engine": "llama", "port": 8000}}, **extra}
+    path = tmp_path / "inv" / "garage.py"
+    path.parent.mkdir()
+    path.write_text(f"rigs = [('garage', {data!r})]\n")
+    return path
+
+
+def cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "llm_garage.cli", "bench", *map(str, args)],
+                          capture_output=True, text=True, timeout=120, cwd=cwd,
+                          env={**os.environ, "PYTHONPATH": str(Path(SCRIPT).parents[2])})
+
+
+def test_the_command_lists_and_compares_runs_stored_beside_the_inventory(tmp_path):
+    inventory = write_inventory(tmp_path)
+    results = bench.results_file(inventory.parent / "bench-results", "garage")
+    bench.append(results, records("20261130T080000Z-garage-q", 40.0, 700.0, limit=300.0))
+    bench.append(results, records("20261130T090000Z-garage-q", 46.3, 818.0))
+    out = cli(inventory, "--list", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert [line.split(":")[0] for line in out.stdout.splitlines()] == [
+        "20261130T080000Z-garage-q", "20261130T090000Z-garage-q"]
+    out = cli(inventory, "--compare", "T08", "T09", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "- power limits (W): 300.0, 300.0 → 350.0, 350.0" in out.stdout
+    assert "| 16K | 800.0 → 800.0 (+0.0%) | 40.0 → 46.3 (+15.7%) |" in out.stdout
+    out = cli(inventory, "--compare", "garage", "T09", cwd=tmp_path)
+    assert out.returncode == 1 and "'garage' matches 2 runs" in out.stderr
+
+
+def test_the_command_says_when_the_rig_is_out_of_reach(tmp_path):
+    inventory = write_inventory(tmp_path)
+    out = cli(inventory, "--depths", "1k", cwd=tmp_path)
+    assert out.returncode == 1
+    assert "the bench ended early: garage-bench exited with status 255 (ssh could not reach " \
+           "the rig" in out.stderr
+    assert not (inventory.parent / "bench-results").exists()  # nothing measured, nothing kept
+    out = cli(inventory, "--depths", "4x", cwd=tmp_path)
+    assert out.returncode == 1 and "'4x' is not a token count" in out.stderr
+    out = cli(inventory, "--limit", "other", cwd=tmp_path)
+    assert out.returncode == 1 and "no rig other in the inventory (rigs: garage)" in out.stderr
