@@ -410,34 +410,6 @@ def _by_hand(data) -> list[str]:
             "same units.", "", "```sh", *sh, "```", ""]
 
 
-def _bench(data) -> list[str]:
-    bench = data.get(BENCH)
-    if not bench:
-        return []
-    return ["## Benchmark", "",
-            f"The latest `llm-garage bench` run on this rig, `{bench['run']}` (all runs: "
-            f"`{bench['results']}`):", "", *bench["lines"], ""]
-
-
-def set_bench(docs_dir: str | os.PathLike, rig: str, run: str, results: str,
-              lines: list[str]) -> list[Path]:
-    """Put a bench run's table into the rig's document (when the rig has one); returns the
-    files written."""
-    _, js = doc_paths(docs_dir, rig)
-    data = load(js)
-    if data is None or data.get("format") != FORMAT:
-        return []
-    data[BENCH] = {"run": run, "results": results, "lines": list(lines)}
-    return write(docs_dir, data)
-
-
-def keep_bench(docs_dir: str | os.PathLike, data: dict[str, Any]) -> None:
-    """A deploy keeps the bench table the document holds (the rig does not report it)."""
-    old = load(doc_paths(docs_dir, data["rig"])[1])
-    if old and old.get(BENCH):
-        data[BENCH] = old[BENCH]
-
-
 def render(data: Mapping[str, Any]) -> str:
     """The rig document, Markdown, from `collect`'s data (and nothing else)."""
     lines = [f"# Rig {data['rig']}", "",
@@ -514,3 +486,33 @@ def write(docs_dir: str | os.PathLike, data: Mapping[str, Any]) -> list[Path]:
     if md in todo:
         _atomic_write(md, render(data))
     return todo
+
+
+# --- the latest bench run ---------------------------------------------------------------------
+
+def _bench(data) -> list[str]:
+    bench = data.get(BENCH)
+    if not bench:
+        return []
+    return ["## Benchmark", "",
+            f"The latest `llm-garage bench` run on this rig, `{bench['run']}` (all runs: "
+            f"`{bench['results']}`):", "", *bench["lines"], ""]
+
+
+def set_bench(docs_dir: str | os.PathLike, rig: str, run: str, results: str,
+              lines: list[str]) -> list[Path]:
+    """Put a bench run's table into the rig's document (when the rig has one); returns the
+    files written."""
+    _, js = doc_paths(docs_dir, rig)
+    data = load(js)
+    if data is None or data.get("format") != FORMAT:
+        return []
+    data[BENCH] = {"run": run, "results": results, "lines": list(lines)}
+    return write(docs_dir, data)
+
+
+def keep_bench(docs_dir: str | os.PathLike, data: dict[str, Any]) -> None:
+    """A deploy keeps the bench table the document holds (the rig does not report it)."""
+    old = load(doc_paths(docs_dir, data["rig"])[1])
+    if old and old.get(BENCH):
+        data[BENCH] = old[BENCH]
