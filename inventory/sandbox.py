@@ -49,7 +49,7 @@ def _load_state(path: Path) -> dict:
 
 def _host_data(state: dict, docs_dir: Path | None = None) -> dict:
     """The sandbox host's data: SSH connection from the state, then the llm-garage settings;
-    the rig document goes to `docs_dir` (beside the state file)."""
+    the rig document goes to `docs_dir` (beside the state file), bench results beside it."""
     engine, model = state["engine"], state["model"]
     data = dict(state["ssh"])
     if state.get("sudo"):
@@ -89,6 +89,7 @@ def _host_data(state: dict, docs_dir: Path | None = None) -> dict:
     })
     if docs_dir is not None:
         data["docs_dir"] = str(docs_dir)
+        data["bench_dir"] = str(docs_dir.parent / "bench-results")  # `llm-garage bench`
     return data
 
 

@@ -219,6 +219,75 @@ def cmd_docs(args) -> int:
     return 1 if missing else 0
 
 
+def cmd_bench(args) -> int:
+    inventory = load_inventory(args.inventory)
+    from . import bench, rigdoc
+    from .settings import raw_host_data
+
+    try:
+        rigs = load_fleet(inventory)
+        if args.limit:
+            missing = [n for n in args.limit if n not in rigs]
+            if missing:
+                raise bench.BenchError(f"no rig {', '.join(missing)} in the inventory "
+                                       f"(rigs: {', '.join(sorted(rigs))})")
+            rigs = {n: rigs[n] for n in args.limit}
+        dirs = sorted({bench.bench_dir(rig, args.inventory) for rig in rigs.values()})
+        if args.list or args.compare:
+            runs = bench.load_runs(p for d in dirs for p in sorted(d.glob("*.jsonl")))
+            if args.list:
+                for recs in runs.values():
+                    print(bench.describe(recs))
+                return 0
+            a, b = (bench.find_run(runs, w) for w in args.compare)
+            print("\n".join(bench.compare_report(runs[a], runs[b])))
+            png = dirs[0] / f"compare-{a}-vs-{b}.png"
+            try:
+                bench.chart({a: runs[a], b: runs[b]}, png)
+                print(f"\nchart: {png}")
+            except bench.BenchError as e:
+                print(f"\nno chart: {e}", file=sys.stderr)
+            return 0
+        depths = bench.parse_depths(args.depths)
+        if args.gen < 1 or args.repeat < 1:
+            raise bench.BenchError("--gen and --repeat must be at least 1")
+        hosts = {host.name: host for host in inventory}
+        plans = [(rig, bench.choose_profile(rig, args.profile))
+                 for _, rig in sorted(rigs.items()) if rig.enabled_profiles or args.limit]
+        if not plans:
+            raise bench.BenchError("no rig serves an enabled profile")
+    except (SettingsError, bench.BenchError) as e:
+        print(f"llm-garage: {args.inventory}: {e}", file=sys.stderr)
+        return 1
+    failed = 0
+    for rig, profile in plans:
+        run_id, records, ended = bench.measure(
+            rig, profile, raw_host_data(hosts[rig.name]), depths, args.gen, args.repeat,
+            bench.say_stderr)
+        directory = bench.bench_dir(rig, args.inventory)
+        if any(r["kind"] == "result" for r in records):
+            path = bench.results_file(directory, rig.name)
+            bench.append(path, records)
+            lines = bench.run_report(records)
+            print("\n".join(lines))
+            print(f"\n{len(records)} record(s) appended to {path}")
+            try:
+                bench.chart({run_id: records}, directory / f"{run_id}.png")
+                print(f"chart: {directory / f'{run_id}.png'}")
+            except bench.BenchError as e:
+                print(f"no chart: {e}", file=sys.stderr)
+            for written in rigdoc.set_bench(rig.data.docs_dir, rig.name, run_id, str(path),
+                                            lines):
+                print(f"wrote {written}")
+        if ended:
+            print(f"llm-garage: {rig.name}: {profile}: the bench ended early: {ended}; the "
+                  "server was left running as it was", file=sys.stderr)
+            failed += 1
+            if ended.startswith("stopped"):
+                return 130
+    return 1 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="llm-garage", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -240,6 +309,29 @@ def main(argv: list[str] | None = None) -> int:
                                        "(<rig>.json); offline, no host contacted")
     docs.add_argument("inventory", help="pyinfra inventory file, e.g. inventory/garage.py")
     docs.set_defaults(func=cmd_docs)
+    from .bench import DEFAULT_DEPTHS, DEFAULT_GEN, DEFAULT_REPEAT
+
+    bench = sub.add_parser("bench", help="measure a deployed, proven server by context depth "
+                                         "(prefill and decode t/s, TTFT, GPU power) without "
+                                         "restarting it; store the runs beside the inventory "
+                                         "(bench_dir), print the table, draw the chart; or "
+                                         "compare two stored runs")
+    bench.add_argument("inventory", help="pyinfra inventory file, e.g. inventory/garage.py")
+    bench.add_argument("--limit", action="append", metavar="RIG",
+                       help="only this rig (repeat for more); default every rig serving")
+    bench.add_argument("--profile", help="the profile to measure; default the rig's only "
+                                         "enabled profile")
+    bench.add_argument("--depths", default=DEFAULT_DEPTHS,
+                       help=f"prompt sizes in tokens, e.g. 4k,16k,1000 (default {DEFAULT_DEPTHS}"
+                            "; 262k is 262,144); depths beyond the context are skipped")
+    bench.add_argument("--gen", type=int, default=DEFAULT_GEN,
+                       help=f"tokens generated per request (default {DEFAULT_GEN})")
+    bench.add_argument("--repeat", type=int, default=DEFAULT_REPEAT,
+                       help=f"requests per depth (default {DEFAULT_REPEAT})")
+    bench.add_argument("--compare", nargs=2, metavar=("A", "B"),
+                       help="compare two stored runs (ids, or parts of ids naming one run)")
+    bench.add_argument("--list", action="store_true", help="list the stored runs")
+    bench.set_defaults(func=cmd_bench)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -17,7 +17,7 @@ GPU_POWER_UNIT = "llm-garage-gpu-power.service"
 SERVER_UNIT_GLOB = "llama-server-*.service"
 # The scripts our operations run on the rig, shipped in the package's files/ folder and
 # installed into `bin_dir` by one loop (tasks/base.py).
-RIG_SCRIPTS = ("garage-build", "garage-fetch", "garage-server-check")
+RIG_SCRIPTS = ("garage-build", "garage-fetch", "garage-server-check", "garage-bench")
 PACKAGE_FILES = Path(__file__).resolve().parent / "files"
 
 

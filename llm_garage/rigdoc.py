@@ -25,6 +25,7 @@ from .layout import GPU_POWER_UNIT, service_name, unit_path
 from .settings import Rig
 
 FORMAT = 1
+BENCH = "bench"  # the latest `llm-garage bench` run, written by the bench command
 OBSERVED = "observed"  # volatile values: in the JSON only, ignored when comparing
 UNIT_HEREDOC = "LLM_GARAGE_UNIT"
 
@@ -431,7 +432,7 @@ def render(data: Mapping[str, Any]) -> str:
              "Written by llm-garage at the end of each deploy from what the rig reports; "
              f"`{data['rig']}.json` holds the same data. Change the inventory, not this file.",
              ""]
-    for part in (_machine, _gpus, _engines, _models, _profiles, _opencode, _by_hand):
+    for part in (_machine, _gpus, _engines, _models, _profiles, _bench, _opencode, _by_hand):
         lines += part(data)
     return "\n".join(lines).rstrip("\n") + "\n"
 
@@ -501,3 +502,33 @@ def write(docs_dir: str | os.PathLike, data: Mapping[str, Any]) -> list[Path]:
     if md in todo:
         _atomic_write(md, render(data))
     return todo
+
+
+# --- the latest bench run ---------------------------------------------------------------------
+
+def _bench(data) -> list[str]:
+    bench = data.get(BENCH)
+    if not bench:
+        return []
+    return ["## Benchmark", "",
+            f"The latest `llm-garage bench` run on this rig, `{bench['run']}` (all runs: "
+            f"`{bench['results']}`):", "", *bench["lines"], ""]
+
+
+def set_bench(docs_dir: str | os.PathLike, rig: str, run: str, results: str,
+              lines: list[str]) -> list[Path]:
+    """Put a bench run's table into the rig's document (when the rig has one); returns the
+    files written."""
+    _, js = doc_paths(docs_dir, rig)
+    data = load(js)
+    if data is None or data.get("format") != FORMAT:
+        return []
+    data[BENCH] = {"run": run, "results": results, "lines": list(lines)}
+    return write(docs_dir, data)
+
+
+def keep_bench(docs_dir: str | os.PathLike, data: dict[str, Any]) -> None:
+    """A deploy keeps the bench table the document holds (the rig does not report it)."""
+    old = load(doc_paths(docs_dir, data["rig"])[1])
+    if old and old.get(BENCH):
+        data[BENCH] = old[BENCH]

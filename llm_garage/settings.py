@@ -496,6 +496,12 @@ class RigData:
                                              "a relative path is read from the folder pyinfra "
                                              "runs in", type="path",
                             check=is_str(r"[^\s].*", "a folder path"))
+    bench_dir: str = setting("bench-results", doc="folder on the machine running "
+                                                  "`llm-garage bench` where each rig's "
+                                                  "measurements are kept (<rig>.jsonl) with "
+                                                  "their charts; a relative path is read from "
+                                                  "the inventory file's folder", type="path",
+                             check=is_str(r"[^\s].*", "a folder path"))
     models_prune: bool = setting(False, doc="delete model folders under models_dir that no "
                                             "model names any more (and the files nothing "
                                             "links to then)", type="bool", check=is_bool)

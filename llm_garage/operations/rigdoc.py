@@ -54,6 +54,7 @@ def documented(rig: Rig, docs_dir: str, engines: Mapping, models: Mapping,
                   for p in sorted(rig.enabled_profiles)],
         snapshots={name: plan.snapshot for name, plan in models.items()})
     data = rigdoc.collect(rig, report, engines, models, opencode_providers)
+    rigdoc.keep_bench(docs_dir, data)
     if not rigdoc.pending(docs_dir, data):
         host.noop(f"{docs_dir}/{rig.name}.md and .json are up to date")
         return

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 
 import pytest
 
 import lab.rigs
+from lab.rigs.pyinfra_results import REPO_ROOT
 from lab.serving import controller_env
 from lab.standins.engine_repo import GitDaemon
 from lab.standins.hf_server import HFServer
@@ -122,6 +126,28 @@ def test_real_llama_cpp_serves_a_two_turn_tool_conversation(
     assert json.loads(call["function"]["arguments"]) == {"mode": 1}
     assert status2 == 200, turn2
     assert turn2["choices"][0]["message"]["role"] == "assistant"
+
+    # The bench against the real server: token counts from its /tokenize, its own timings.
+    pid = service_pid(rig, "llama-server-qwen.service")
+    out = subprocess.run([sys.executable, "-m", "llm_garage.cli", "bench", str(inventory),
+                          "--depths", "256,1k,4k", "--gen", "16", "--repeat", "2"],
+                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, **controller_env(tmp_path)})
+    assert out.returncode == 0, out.stdout + out.stderr
+    log.info("bench on real llama.cpp:\n%s", out.stdout)
+    recs = [json.loads(line) for line in
+            (tmp_path / "bench-results" / "rig1.jsonl").read_text().splitlines()]
+    measured = [r for r in recs if r["kind"] == "result"]
+    assert [(r["depth"], r["repeat"]) for r in measured] == [(256, 1), (256, 2), (1024, 1),
+                                                           (1024, 2)]
+    assert [r["label"] for r in recs if r["kind"] == "skip"] == ["4K"]  # 4096 + 16 > n_ctx
+    for r in measured:
+        # every prompt token evaluated (a unique prefix: nothing reused from the cache)
+        assert (r["prompt_n"], r["cache_n"], r["predicted_n"]) == (r["depth"], 0, 16), r
+        assert r["prefill_tps"] > 0 and r["decode_tps"] > 0 and r["ttft_ms"] > 0
+        assert r["engine"]["commit"] == real.good_commit
+        assert r["decode_w"] is None and r["gpus"] == []  # no GPU: no power
+    assert service_pid(rig, "llama-server-qwen.service") == pid
 
 
 def test_real_llama_cpp_tag_that_breaks_tool_history_is_rolled_back(

@@ -207,3 +207,27 @@ def test_fake_nvcc_version_and_refuses_to_compile(rig):
     compile_attempt = run(NVCC, root, "-c", "kernel.cu", "-o", "kernel.o")
     assert compile_attempt.returncode != 0
     assert "cannot compile" in compile_attempt.stderr
+
+
+def test_fake_power_draw_follows_the_engine_phase(tmp_path):
+    phase = tmp_path / "phase"
+    files = fake_gpu_files("rtx3090", 2, power_draw_by_phase={"prefill": 300, "decode": 200},
+                           phase_file=str(phase))
+    for path, (content, mode) in files.items():
+        target = tmp_path / path.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(content)
+        target.chmod(mode)
+
+    def draws():
+        out = smi(tmp_path, "--query-gpu=index,power.draw", "--format=csv,noheader,nounits")
+        assert out.returncode == 0, out.stdout
+        return [line for line in out.stdout.splitlines()]
+
+    assert draws() == ["0, 21.40", "1, 21.77"]  # no phase file yet: the preset's idle draw
+    phase.write_text("prefill\n")
+    assert draws() == ["0, 300.00", "1, 300.37"]
+    phase.write_text("decode\n")
+    assert draws() == ["0, 200.00", "1, 200.37"]
+    phase.write_text("idle\n")  # a phase without a value: the preset's draw
+    assert draws() == ["0, 21.40", "1, 21.77"]

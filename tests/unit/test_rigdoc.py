@@ -299,3 +299,24 @@ def test_files_are_written_once_and_only_when_they_change(tmp_path):
     assert json.loads((tmp_path / "garage.json").read_text())["engines"][0]["commit"] \
         .startswith("d00d")
     assert list(tmp_path.glob(".garage*")) == []  # no temporary file left
+
+
+def test_the_rig_document_shows_the_latest_table_and_a_deploy_keeps_it(tmp_path):
+    data = _data()
+    rigdoc.write(tmp_path, data)
+    lines = ["run-b: rig garage …", "", "| Context | Prefill t/s | Decode t/s | TTFT ms | "
+             "Power W | Decode tokens/kWh |", "| 4K | 1,000.0 | 46.3 | 4,096 | 818.0 | 203,765 |"]
+    written = rigdoc.set_bench(tmp_path, data["rig"], "run-b", "inv/bench-results/garage.jsonl",
+                               lines)
+    md_path, js_path = rigdoc.doc_paths(tmp_path, data["rig"])
+    assert sorted(written) == sorted([md_path, js_path])
+    md = md_path.read_text()
+    assert "## Benchmark" in md and "`run-b`" in md
+    assert "| 4K | 1,000.0 | 46.3 | 4,096 | 818.0 | 203,765 |" in md
+    assert md.index("## Benchmark") > md.index("## Profiles")
+    fresh = _data()  # what the next deploy collects: the table stays
+    assert "bench" not in fresh
+    rigdoc.keep_bench(tmp_path, fresh)
+    assert fresh["bench"]["run"] == "run-b"
+    assert rigdoc.pending(tmp_path, fresh) == []
+    assert rigdoc.set_bench(tmp_path / "none", data["rig"], "r", "p", lines) == []

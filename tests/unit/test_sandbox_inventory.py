@@ -90,6 +90,9 @@ def test_inventory_from_nspawn_state_is_valid(monkeypatch, tmp_path):
     assert (profile.port, profile.model, profile.engine) == (8080, "tiny", "llama")
     assert rig.alias("tiny") == "tiny-chat" and profile.ctx_size == 2048
     assert rig.data.opencode_client is True
+    # the rig document and the bench results go beside the state file, not into the clone
+    assert Path(rig.data.bench_dir).parent == Path(rig.data.docs_dir).parent
+    assert Path(rig.data.bench_dir).name == "bench-results"
 
 
 def test_inventory_from_vagrant_state_uses_ssh_config_and_sudo(monkeypatch, tmp_path):

@@ -29,6 +29,8 @@ def fake_gpu_files(
     cuda_version: str | None = None,
     *,
     driver_version: str | None = None,
+    power_draw_by_phase: dict[str, float] | None = None,
+    phase_file: str | None = None,
 ) -> dict[str, tuple[bytes, int]]:
     """Map each rig path to (content, mode) for a rig with ``count`` GPUs of ``model``.
 
@@ -36,6 +38,8 @@ def fake_gpu_files(
     ``count`` must equal its length). With ``cuda_version`` ("12.8", or a full "12.8.93") the
     rig also gets a CUDA toolkit that answers ``nvcc --version`` at /usr/local/cuda/bin/nvcc,
     which is not on PATH, as with NVIDIA's packages, and an empty cuBLAS file beside it.
+    ``power_draw_by_phase`` and ``phase_file`` make each GPU draw the power of the phase the
+    fixture engine writes into that file (see nvidia-smi's doc).
     """
     models = [model] * count if isinstance(model, str) else list(model)
     if len(models) != count:
@@ -50,6 +54,9 @@ def fake_gpu_files(
         config = {"gpus": [{"model": m} for m in models]}
     if driver_version:
         config["driver_version"] = driver_version
+    if power_draw_by_phase:
+        config["power_draw_by_phase"] = dict(power_draw_by_phase)
+        config["phase_file"] = phase_file
     files = {
         NVIDIA_SMI_PATH: ((FAKES_DIR / "nvidia-smi").read_bytes(), 0o755),
         GPUS_JSON_PATH: ((json.dumps(config, sort_keys=True) + "\n").encode(), 0o644),
