@@ -8,13 +8,14 @@ from pyinfra import host
 
 from llm_garage import deploy_lock
 from llm_garage.fleet import fleet_for, rig_for
-from tasks import base, docs, engines, gpus, models, opencode, services
+from tasks import base, docs, engines, gpus, memory, models, opencode, services
 
 rig = rig_for(host)
 # One deploy per rig: each rig's lock is taken before the first operation, released after the last.
 deploy_lock.hold(host.state, {name: (r.layout.deploy_lock, r.data.deploy_lock_wait_s)
                               for name, r in fleet_for(host.state).items()})
 
+memory.check(rig)  # a profile that cannot fit stops the run before anything changes
 base.prepare(rig)
 engine_plans, engine_changes = engines.converge(rig)
 model_plans, model_changes = models.converge(rig)
