@@ -28,12 +28,16 @@ Weights
 Caches
 - KV: only layers with attention hold one (hybrid models: `recurrent_layers`, else one layer
   in `full_attention_interval`, default 4, for qwen3next/qwen35/qwen35moe), `ctx_size` cells
-  in total whatever `parallel` is, K = key_length × head_count_kv(layer) elements per cell
-  (V with value_length), at the cache type's bytes per element (f16 unless set). A sliding-
-  window layer (only when the header declares the pattern) holds
-  min(ctx, window × parallel + ubatch) cells.
+  in total whatever `parallel` is (padded to 256; without a unified cache, each of the
+  `parallel` streams gets ctx / parallel padded to 256), K = key_length × head_count_kv(layer)
+  elements per cell (V with value_length), at the cache type's bytes per element (f16 unless
+  set). A sliding-window layer (only when the header declares the pattern) holds, per stream,
+  min(cells, window × (parallel if unified else 1) + ubatch) padded to 256.
 - Recurrent state (hybrid layers): f32, 4 × [(conv_kernel − 1) × (inner + 2 × groups ×
   state) + state × inner] bytes per layer and slot, × max(1, parallel).
+- llama-server without `parallel` runs 4 slots sharing one (unified) KV cache; with
+  `parallel` the cache is split per slot unless `--kv-unified` is among extra_args.
+  ik_llama.cpp keeps one cache, `parallel` slots (default 1).
 
 Compute: the engine's compute buffers have no closed formula. The plan charges an estimate:
 the logits of one micro-batch (n_vocab × ubatch × 4 bytes) on the GPU holding the output
@@ -63,6 +67,7 @@ EXPS_RE = r"\.ffn_(up|down|gate|gate_up)_(ch|)exps"  # llama.cpp's LLM_FFN_EXPS_
 HYBRID_ARCHS = ("qwen3next", "qwen35", "qwen35moe")
 INPUT_TENSORS = re.compile(r"(token_embd|token_types|position_embd|token_embd_norm)\.")
 DEFAULT_UBATCH = 512
+CTX_STEP = 256  # llama.cpp pads the context (and each sequence's share of it) to 256 cells
 CPU = "CPU"
 
 
@@ -150,6 +155,8 @@ class Options:
     ram: int | None = None  # bytes of RAM the CPU's share may use; None = unknown
     ram_note: str = ""
     weights_in_ram: bool = False  # --no-mmap or --mlock: the CPU's weights count against RAM
+    kv_unified: bool = True  # one KV stream shared by all sequences (else one per sequence)
+    notes: Sequence[str] = ()  # said with the plan (how the options were chosen)
 
 
 # --- layers -------------------------------------------------------------------------------------
@@ -257,7 +264,7 @@ def _rules(opts: Options, notes: list[str]) -> list[tuple[re.Pattern, str]]:
 
 def plan(layout: Mapping[str, Any], opts: Options) -> Plan:
     """Per device: which layers, weights, KV, recurrent state and compute (estimate)."""
-    notes: list[str] = []
+    notes: list[str] = list(opts.notes)
     n_layer = layout["n_layer"]
     gpus = list(opts.gpus)
     devices = [Device(f"CUDA{i}", g, capacity=opts.capacities.get(g),
@@ -327,19 +334,22 @@ def plan(layout: Mapping[str, Any], opts: Options) -> Plan:
         notes.append(f"no ctx_size: planned with the model's training context ({ctx})")
     cache_k = opts.cache_type_k or "f16"
     cache_v = opts.cache_type_v or "f16"
-    parallel = max(1, opts.parallel or 1)
+    n_seq = max(1, opts.parallel or 1)
     ubatch = opts.ubatch_size or DEFAULT_UBATCH
     recurrent = recurrent_layers(layout)
     swa = swa_layers(layout)
     window = (layout.get("attention") or {}).get("sliding_window") or 0
-    state = recurrent_bytes(layout) * parallel
+    per_stream, streams = kv_cells(ctx, n_seq, opts.kv_unified)
+    swa_cells = streams * _pad(min(per_stream, window * (n_seq if opts.kv_unified else 1)
+                                   + ubatch), CTX_STEP)
+    state = recurrent_bytes(layout) * n_seq
     attention_devs = set()
     for il in range(n_layer):
         dev = dev_of_layer(il)
         if recurrent[il]:
             dev.recurrent += state
             continue
-        cells = min(ctx, window * parallel + ubatch) if swa[il] else ctx
+        cells = swa_cells if swa[il] else per_stream * streams
         per_cell = kv_bytes_per_cell(layout, il, cache_k, cache_v)
         dev.kv += math.ceil(per_cell * cells)
         if per_cell:
@@ -363,13 +373,24 @@ def plan(layout: Mapping[str, Any], opts: Options) -> Plan:
     if cpu.capacity is not None and cpu.weights and not cpu.counts_weights:
         notes.append("the CPU's weights are memory-mapped (page cache), not counted against "
                      "RAM (no_mmap or mlock count them)")
-    return Plan(devices, notes, ctx, n_layer)
+    return Plan(devices, notes, per_stream * streams, n_layer)
+
+
+def _pad(n: int, step: int) -> int:
+    return -(-n // step) * step
+
+
+def kv_cells(ctx: int, n_seq: int, unified: bool) -> tuple[int, int]:
+    """(cells per stream, streams) of the KV cache, as llama.cpp sizes it (llama_context,
+    llama_kv_cache): the context padded to 256; one stream when the cache is unified, else
+    one per sequence of ctx / n_seq cells, padded to 256 again."""
+    ctx = _pad(ctx, CTX_STEP)
+    if unified or n_seq == 1:
+        return ctx, 1
+    return _pad(ctx // n_seq, CTX_STEP), n_seq
 
 
 # --- fixes --------------------------------------------------------------------------------------
-
-CTX_STEP = 256  # the engine pads the context to 256 cells
-
 
 def fits(layout: Mapping[str, Any], opts: Options) -> bool:
     return not plan(layout, opts).overfull()
@@ -530,6 +551,12 @@ def options_for(rig, profile_name: str, memory: Mapping[str, Any] | None = None)
             capacities[g] = (total - reserve) * MIB
             notes[g] = f"gpu_memory_mib {total:,}" + (
                 f" - gpu_reserve_mib {reserve:,}" if reserve else "")
+    parallel, unified, said = p.parallel, True, []
+    if (engine is None or engine.kind == "llama.cpp") and parallel is None:
+        parallel = 4
+        said.append("no parallel: llama-server's default, 4 slots sharing one KV cache")
+    elif engine is None or engine.kind == "llama.cpp":
+        unified = any(a in ("-kvu", "--kv-unified") for a in p.extra_args)
     ram, ram_note = None, ""
     info = memory.get("ram")
     if info and info.get("available_kib") is not None:
@@ -541,10 +568,11 @@ def options_for(rig, profile_name: str, memory: Mapping[str, Any] | None = None)
                    split_mode=p.split_mode, override_tensor=tuple(p.override_tensor),
                    cpu_moe=p.cpu_moe, n_cpu_moe=p.n_cpu_moe, ctx_size=p.ctx_size,
                    cache_type_k=p.cache_type_k, cache_type_v=p.cache_type_v,
-                   parallel=p.parallel, ubatch_size=p.ubatch_size, flash_attn=p.flash_attn,
+                   parallel=parallel, ubatch_size=p.ubatch_size, flash_attn=p.flash_attn,
                    capacities=capacities, compute_reserve=d.gpu_compute_reserve_mib * MIB,
                    memory_notes=notes, ram=ram, ram_note=ram_note,
-                   weights_in_ram=bool(p.no_mmap or p.mlock))
+                   weights_in_ram=bool(p.no_mmap or p.mlock), kv_unified=unified,
+                   notes=tuple(said))
 
 
 def kept_units(rig, profile_name: str) -> set[str]:

@@ -19,8 +19,9 @@ from lab.standins.gguf_gen import write_hybrid_model
 from lab.standins.gpu import fake_gpu_files
 from lab.standins.hf_server import HFServer
 from llm_garage import fit
-from llm_garage.fit import MIB, Options
+from llm_garage.fit import MIB
 from llm_garage.lock import Lock
+from llm_garage.settings import load_rig
 
 pytestmark = pytest.mark.e2e
 log = logging.getLogger("garage.tests")
@@ -69,16 +70,19 @@ def test_a_profile_that_does_not_fit_is_refused_before_any_download(
     env = controller_env(tmp_path)
     lock_path = tmp_path / "inventory.lock.json"
 
-    def inventory(**settings):
+    def data(**settings):
         profile = {"model": "hybrid", "engine": "llama", "port": 8000, "ctx_size": 262144,
                    **settings}
-        return write_inventory({"rig1": {
+        return {
             "hf_endpoint": hub.url, "gpu_count": 1,
             "gpu_compute_reserve_mib": 0, "models_lock": str(lock_path),
             # what the inventory declares is not what the rig has: the rig's nvidia-smi wins
             "gpu_memory_mib": 24576,
             "engines": {"llama": {"kind": "llama.cpp", "ref": "b1"}},
-            "models": {"hybrid": MODEL}, "profiles": {"h": profile}}})
+            "models": {"hybrid": MODEL}, "profiles": {"h": profile}}
+
+    def inventory(**settings):
+        return write_inventory({"rig1": data(**settings)})
 
     inv = inventory()
     locked = subprocess.run([sys.executable, "-m", "llm_garage.cli", "lock", str(inv)],
@@ -100,8 +104,10 @@ def test_a_profile_that_does_not_fit_is_refused_before_any_download(
     assert short, text[-3000:]
     log.info("refusal:\n%s", text[text.index("host rig1: 1 profile(s)"):])
     needs, missing, ctx = float(short[1].replace(",", "")), short[2], int(short[3])
+    settings, errors = load_rig("rig1", data())
+    assert not errors, errors
     planned = fit.plan(Lock.load(lock_path).layouts["hybrid"],
-                       Options(gpus=["0"], ctx_size=262144)).device("CUDA0")
+                       fit.options_for(settings, "h")).device("CUDA0")
     assert planned.kv == 128 * MIB and needs == round(planned.total / MIB, 1)
     assert float(missing) == pytest.approx(needs - FREE, abs=0.1)
     assert ctx % 256 == 0 and 100_000 < ctx < FREE * 2048  # 512 B per token

@@ -1,6 +1,7 @@
 """Real llama.cpp on a test rig: upstream's tree (from the llama-cpp-python sdist, tags b7001
 and a bad b7002) served by git daemon, built CPU-only by the deploy, serving a tiny model with
-Qwen3.5's real chat template, which must carry a two-turn tool-call conversation.
+Qwen3.5's real chat template, which must carry a two-turn tool-call conversation; the memory
+plan of that model must agree with the buffer sizes llama-server logs when it loads it.
 
 The rig's ccache lives on the host (``lab.rigs.ccache_binds``): the first run on a machine
 builds llama-server cold, later runs mostly hit the cache."""
@@ -9,16 +10,23 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 
 import pytest
 
 import lab.rigs
+from lab.rigs.pyinfra_results import REPO_ROOT
 from lab.serving import controller_env
 from lab.standins.engine_repo import GitDaemon
 from lab.standins.hf_server import HFServer
 from lab.standins.real_llama import ensure_real_llama, write_qwen_tool_model
+from llm_garage import fit
+from llm_garage.lock import Lock
+from llm_garage.settings import load_rig
 
 pytestmark = pytest.mark.e2e
 
@@ -98,10 +106,17 @@ def tool_turns(rig) -> tuple[tuple[int, dict], tuple[int, dict]]:
 def test_real_llama_cpp_serves_a_two_turn_tool_conversation(
         module_fleet, converge, real, real_git_url, qwen_hub, tmp_path):
     (rig,) = module_fleet.start(["rig1"], binds=lab.rigs.ccache_binds("real-llama.cpp"))
-    inventory = module_fleet.write_inventory(
-        tmp_path / "inventory.py", {"rig1": rig_data(qwen_hub, real_git_url, real.good_tag)})
+    # locked: the deploy plans the model's memory from its GGUF header before fetching it
+    data = {**rig_data(qwen_hub, real_git_url, real.good_tag),
+            "models_lock": str(tmp_path / "inventory.lock.json")}
+    inventory = module_fleet.write_inventory(tmp_path / "inventory.py", {"rig1": data})
+    env = controller_env(tmp_path)
+    locked = subprocess.run([sys.executable, "-m", "llm_garage.cli", "lock", str(inventory)],
+                            capture_output=True, text=True, cwd=REPO_ROOT, timeout=120,
+                            env={"PATH": "/usr/bin:/bin", **env})
+    assert locked.returncode == 0, locked.stderr
 
-    converge(inventory, env=controller_env(tmp_path))
+    converge(inventory, env=env)
 
     stamp = rig.ssh("cat /opt/llm-garage/builds/llama/current/stamp").stdout.splitlines()
     build = dict(line.split("=", 1) for line in stamp[1:] if "=" in line)
@@ -122,6 +137,42 @@ def test_real_llama_cpp_serves_a_two_turn_tool_conversation(
     assert json.loads(call["function"]["arguments"]) == {"mode": 1}
     assert status2 == 200, turn2
     assert turn2["choices"][0]["message"]["role"] == "assistant"
+
+    # The memory plan against what llama-server itself reported at load (CPU only: the
+    # engine is built without CUDA, so the plan puts every layer on the CPU).
+    journal = rig.ssh("journalctl -u llama-server-qwen.service -b -o cat --no-pager").stdout
+    logged = load_figures(journal)
+    layout = Lock.load(tmp_path / "inventory.lock.json").layouts["qwen"]
+    rig_settings, errors = load_rig("rig1", data)
+    assert not errors, errors
+    cpu = fit.plan(layout, fit.options_for(rig_settings, "qwen")).device("CPU")
+    log.info("memory plan vs llama-server (MiB): weights %.4f vs %s, KV %.4f vs %s, "
+             "compute (not planned on the CPU) %s; load lines:\n%s",
+             cpu.weights / fit.MIB, logged["weights"], cpu.kv / fit.MIB, logged["kv"],
+             logged["compute"], "\n".join(logged["lines"]))
+    for planned, reported in ((cpu.weights, logged["weights"]), (cpu.kv, logged["kv"])):
+        # 1 %, or the log's own rounding to 0.01 MiB, whichever is larger
+        assert abs(planned / fit.MIB - reported) <= max(0.01 * reported, 0.005), (
+            planned / fit.MIB, reported, logged["lines"])
+    assert cpu.layers == [0, 1, 2] and cpu.weights > 0.4 * fit.MIB  # 2 blocks + output
+
+
+LOAD_FIGURES = {
+    "weights": re.compile(r"CPU(?:_Mapped)? model buffer size = +([\d.]+) MiB"),
+    "kv": re.compile(r"CPU KV buffer size = +([\d.]+) MiB"),
+    "compute": re.compile(r"CPU compute buffer size = +([\d.]+) MiB"),
+}
+
+
+def load_figures(journal: str) -> dict:
+    """The buffer sizes llama-server logs while it loads (the last load in the journal)."""
+    figures: dict = {"lines": [line for line in journal.splitlines()
+                               if "buffer size" in line or "llama_kv_cache: size" in line]}
+    for key, pattern in LOAD_FIGURES.items():
+        found = pattern.findall(journal)
+        assert found, f"no {key} figure in the journal:\n" + "\n".join(figures["lines"])
+        figures[key] = float(found[-1])
+    return figures
 
 
 def test_real_llama_cpp_tag_that_breaks_tool_history_is_rolled_back(

@@ -140,16 +140,16 @@ def test_an_engine_without_cuda_plans_everything_on_the_cpu():
 
 def test_ram_counts_kv_always_and_weights_only_without_mmap():
     layout = small()
-    opts = Options(gpus=[], ctx_size=1000, ram=100_000)
+    opts = Options(gpus=[], ctx_size=1024, ram=100_000)
     p = fit.plan(layout, opts)
     cpu = p.device("CPU")
     # weights memory-mapped: 4 x 64,000 B of KV only
-    assert cpu.total == 4 * 64_000 and cpu.headroom == 100_000 - 256_000
+    assert cpu.total == 4 * 65_536 and cpu.headroom == 100_000 - 262_144
     assert "memory-mapped" in " ".join(p.notes)
     assert "CPU needs 0.2 MiB of RAM but has 0.1 MiB" in p.shortfall()
-    resident = fit.plan(layout, Options(gpus=[], ctx_size=1000, ram=10**6,
+    resident = fit.plan(layout, Options(gpus=[], ctx_size=1024, ram=10**6,
                                         weights_in_ram=True)).device("CPU")
-    assert resident.total == 256_000 + 1000 + 4 * 1110 + 504
+    assert resident.total == 262_144 + 1000 + 4 * 1110 + 504
 
 
 # --- fixes ----------------------------------------------------------------------------------
@@ -182,8 +182,8 @@ def test_q8_0_kv_suggested_when_it_is_enough():
 def test_tensor_split_by_layers_and_the_fewest_cpu_moe_layers():
     layout = small(n_layer=8)
     # equal split: CUDA0 blocks 0-4 (5 x 1110 + KV), CUDA1 blocks 5-7 + output
-    opts = Options(gpus=["0", "1"], tensor_split=[1, 1], ctx_size=1000,
-                   capacities={"0": 4 * (1110 + 64_000), "1": 10**7})
+    opts = Options(gpus=["0", "1"], tensor_split=[1, 1], ctx_size=1024,
+                   capacities={"0": 4 * (1110 + 65_536), "1": 10**7})
     assert fit.plan(layout, opts).overfull()
     found = fit.fixes(layout, opts)
     split = next(f for f in found if f.startswith("tensor_split: "))
@@ -194,9 +194,11 @@ def test_tensor_split_by_layers_and_the_fewest_cpu_moe_layers():
     # experts to the CPU: the first N layers' 1000 B each; KV dominates here, so none helps
     assert not any(f.startswith(("n_cpu_moe", "cpu_moe")) for f in found)
 
-    # weights 8 x 1110 + 504, KV 8 x 64 x 10, logits 100 x 512 x 4; 2500 B short
-    need = 8 * 1110 + 504 + 8 * 640 + 204_800
-    tight = Options(gpus=["0"], ctx_size=10, capacities={"0": need - 2500})
+    # weights 8 x 1110 + 504, q8_0 KV 8 x 34 x 256 (the least the engine pads to), logits
+    # 100 x 512 x 4; 2500 B short
+    need = 8 * 1110 + 504 + 8 * 34 * 256 + 204_800
+    tight = Options(gpus=["0"], ctx_size=256, cache_type_k="q8_0", cache_type_v="q8_0",
+                    capacities={"0": need - 2500})
     found = fit.fixes(layout, tight)
     assert found == ["n_cpu_moe: 3"]  # 3 layers' experts of 1000 B each
     n = 3
@@ -205,8 +207,8 @@ def test_tensor_split_by_layers_and_the_fewest_cpu_moe_layers():
 
 
 def test_nothing_suggested_for_what_fits_or_cannot_fit():
-    assert fit.fixes(small(), Options(gpus=["0"], ctx_size=1000, capacities=capacities(1))) == []
-    hopeless = Options(gpus=["0"], ctx_size=1000, capacities={"0": 10})
+    assert fit.fixes(small(), Options(gpus=["0"], ctx_size=1024, capacities=capacities(1))) == []
+    hopeless = Options(gpus=["0"], ctx_size=1024, capacities={"0": 10})
     assert fit.fixes(small(), hopeless) == [] and fit.plan(small(), hopeless).overfull()
 
 
