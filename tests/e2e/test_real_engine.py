@@ -22,6 +22,7 @@ import lab.rigs
 from lab.rigs.pyinfra_results import REPO_ROOT
 from lab.serving import controller_env
 from lab.standins.engine_repo import GitDaemon
+from lab.standins.gguf_gen import write_split_model
 from lab.standins.hf_server import HFServer
 from lab.standins.real_llama import ensure_real_llama, write_qwen_tool_model
 from llm_garage import fit
@@ -32,6 +33,7 @@ pytestmark = pytest.mark.e2e
 
 MODEL_REPO = "garage/Qwen3.5-Tiny-GGUF"
 MODEL_FILE = "Qwen3.5-Tiny-F32.gguf"
+DENSE_REPO = "garage/Dense-GGUF"
 PORT = 8080
 # One parameter, an integer enum of one value: the tool call grammar leaves the model nothing
 # to choose (a string parameter would be free text up to </parameter>).
@@ -58,8 +60,11 @@ def real_git_url(module_fleet, real):
 @pytest.fixture(scope="module")
 def qwen_hub(module_fleet, real, tmp_path_factory):
     model = write_qwen_tool_model(tmp_path_factory.mktemp("qwen") / MODEL_FILE, real)
+    dense = write_split_model(tmp_path_factory.mktemp("dense"), "Dense-F32", 3, n_layers=4,
+                              vocab=2048, n_embd=256, n_ff=512)
     with HFServer(bind=module_fleet.host_ip) as hub:
         hub.add_repo(MODEL_REPO, {MODEL_FILE: model})
+        hub.add_repo(DENSE_REPO, {f"F32/{p.name}": p for p in dense})
         yield hub
 
 
@@ -109,6 +114,14 @@ def test_real_llama_cpp_serves_a_two_turn_tool_conversation(
     # locked: the deploy plans the model's memory from its GGUF header before fetching it
     data = {**rig_data(qwen_hub, real_git_url, real.good_tag),
             "models_lock": str(tmp_path / "inventory.lock.json")}
+    # the library's load figures (buffer sizes) are logged at verbosity 4 in this tree
+    data["profiles"]["qwen"]["extra_args"] = ["--log-verbosity", "4"]
+    # a second model, split in 3 shards, with 3 slots of their own KV streams and q8_0 K
+    data["models"]["dense"] = {"repo": DENSE_REPO, "revision": "main", "quant": "F32"}
+    data["profiles"]["dense"] = {
+        "model": "dense", "engine": "llama", "port": PORT + 1, "alias": "dense",
+        "ctx_size": 9216, "parallel": 3, "cache_type_k": "q8_0", "prove_tool_call": False,
+        "health_timeout_s": 120, "extra_args": ["--log-verbosity", "4"]}
     inventory = module_fleet.write_inventory(tmp_path / "inventory.py", {"rig1": data})
     env = controller_env(tmp_path)
     locked = subprocess.run([sys.executable, "-m", "llm_garage.cli", "lock", str(inventory)],
@@ -140,21 +153,26 @@ def test_real_llama_cpp_serves_a_two_turn_tool_conversation(
 
     # The memory plan against what llama-server itself reported at load (CPU only: the
     # engine is built without CUDA, so the plan puts every layer on the CPU).
-    journal = rig.ssh("journalctl -u llama-server-qwen.service -b -o cat --no-pager").stdout
-    logged = load_figures(journal)
-    layout = Lock.load(tmp_path / "inventory.lock.json").layouts["qwen"]
-    rig_settings, errors = load_rig("rig1", data)
+    locked = Lock.load(tmp_path / "inventory.lock.json")
+    settings, errors = load_rig("rig1", data)
     assert not errors, errors
-    cpu = fit.plan(layout, fit.options_for(rig_settings, "qwen")).device("CPU")
-    log.info("memory plan vs llama-server (MiB): weights %.4f vs %s, KV %.4f vs %s, "
-             "compute (not planned on the CPU) %s; load lines:\n%s",
-             cpu.weights / fit.MIB, logged["weights"], cpu.kv / fit.MIB, logged["kv"],
-             logged["compute"], "\n".join(logged["lines"]))
-    for planned, reported in ((cpu.weights, logged["weights"]), (cpu.kv, logged["kv"])):
-        # 1 %, or the log's own rounding to 0.01 MiB, whichever is larger
-        assert abs(planned / fit.MIB - reported) <= max(0.01 * reported, 0.005), (
-            planned / fit.MIB, reported, logged["lines"])
-    assert cpu.layers == [0, 1, 2] and cpu.weights > 0.4 * fit.MIB  # 2 blocks + output
+    for profile, files in (("qwen", 1), ("dense", 3)):
+        layout = locked.layouts[profile]
+        opts = fit.options_for(settings, profile)
+        cpu = fit.plan(layout, opts).device("CPU")
+        logged = load_figures(rig, f"llama-server-{profile}.service", files)
+        log.info("%s: memory plan vs llama-server (MiB): weights %.4f vs %.2f, KV %.4f vs %.2f, "
+                 "CPU compute buffer (not planned) %.2f; load lines:\n%s", profile,
+                 cpu.weights / fit.MIB, logged["weights"], cpu.kv / fit.MIB, logged["kv"],
+                 logged["compute"], "\n".join(logged["lines"]))
+        for planned, reported in ((cpu.weights, logged["weights"]), (cpu.kv, logged["kv"])):
+            # 1 %, or the log's own rounding to 0.01 MiB per figure, whichever is larger
+            assert abs(planned / fit.MIB - reported) <= max(0.01 * reported, 0.005 * files), (
+                profile, planned / fit.MIB, reported, logged["lines"])
+    # the dense model: 3 slots, each its own stream of 9216 / 3 cells, K q8_0, V f16
+    assert re.search(r"\( *3072 cells, +4 layers, +3/3 seqs\), K \(q8_0\)",
+                     "\n".join(logged["lines"])), logged["lines"]
+    assert cpu.layers == [0, 1, 2, 3, 4] and cpu.weights > 12 * fit.MIB
 
 
 LOAD_FIGURES = {
@@ -164,14 +182,17 @@ LOAD_FIGURES = {
 }
 
 
-def load_figures(journal: str) -> dict:
-    """The buffer sizes llama-server logs while it loads (the last load in the journal)."""
+def load_figures(rig, unit: str, files: int) -> dict:
+    """The buffer sizes llama-server logged at its last load: the model's (one buffer per
+    file of a split model), the KV cache's and the compute buffer's, in MiB."""
+    journal = rig.ssh(f"journalctl -u {unit} -b -o cat --no-pager").stdout
     figures: dict = {"lines": [line for line in journal.splitlines()
                                if "buffer size" in line or "llama_kv_cache: size" in line]}
     for key, pattern in LOAD_FIGURES.items():
-        found = pattern.findall(journal)
-        assert found, f"no {key} figure in the journal:\n" + "\n".join(figures["lines"])
-        figures[key] = float(found[-1])
+        found = [float(x) for x in pattern.findall(journal)]
+        assert found, f"no {key} figure in the journal of {unit}:\n" + "\n".join(
+            figures["lines"] or journal.splitlines()[-60:])
+        figures[key] = sum(found[-files:]) if key == "weights" else found[-1]
     return figures
 
 
