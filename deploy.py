@@ -10,7 +10,7 @@ from pyinfra import host
 from llm_garage import deploy_lock
 from llm_garage.fleet import fleet_for, rig_for
 from llm_garage.refusal import refusals_end_the_run
-from tasks import base, docs, engines, gpus, models, opencode, services
+from tasks import base, docs, engines, gpus, memory, models, opencode, services
 
 with refusals_end_the_run():
     rig = rig_for(host)
@@ -19,6 +19,7 @@ with refusals_end_the_run():
     deploy_lock.hold(host.state, {name: (r.layout.deploy_lock, r.data.deploy_lock_wait_s)
                                   for name, r in fleet_for(host.state).items()})
 
+    memory.check(rig)  # a profile that cannot fit stops the run before anything changes
     base.prepare(rig)
     engine_plans, engine_changes = engines.converge(rig)
     model_plans, model_changes = models.converge(rig)

@@ -99,7 +99,7 @@ def model_lock_lines(name: str, model, locked: Lock | None) -> list[str]:
 
 def memory_lines(rig: Rig, locked: Lock | None) -> tuple[list[str], list[str]]:
     """Each profile's memory plan (from the lock's GGUF summaries), and the refusals: enabled
-    profiles with `memory_check: refuse` that put more on a GPU than it has."""
+    profiles with `memory_check: refuse` that put more on a GPU than gpu_memory_mib leaves."""
     from . import fit
 
     out, refusals = [], []
@@ -111,23 +111,21 @@ def memory_lines(rig: Rig, locked: Lock | None) -> tuple[list[str], list[str]]:
             out.append(f"  memory plan of {name}: none in the lock for {p.model}; re-lock "
                        "(`llm-garage lock`) to see the memory plan")
             continue
-        plan = fit.plan(layout, fit.options_for(rig, name))
+        opts = fit.options_for(rig, name)
+        plan = fit.plan(layout, opts)
         out.append(f"  memory plan of {name}: {layout['architecture']}, {layout['n_layer']} "
                    f"layers, {plan.kv_cells} KV cells (compute is an estimate)")
         out += ["    " + row for row in fit.table(plan)]
         out += [f"    note: {n}" for n in plan.notes]
-        over = plan.overfull()
-        if over and not rig.data.gpu_memory_mib:
-            continue
-        for d in over:
-            line = (f"{rig.name}: profile {name} does not fit: {d.name} (GPU {d.gpu}) needs "
-                    f"{fit.mib(d.total)} of {fit.mib(d.capacity)}, {fit.mib(-d.headroom)} over")
+        if plan.overfull():
+            line = fit.refusal(rig.name, name, plan, layout, opts)
             if p.enabled and p.memory_check == "refuse":
                 refusals.append(line)
             else:
                 out.append(f"    warning: {line.split(': ', 1)[1]}")
-        if not rig.data.gpu_memory_mib and plan.gpus:
-            out.append("    note: set gpu_memory_mib to compare with the GPUs' memory")
+        if plan.gpus and len(opts.capacities) < len(plan.gpus):
+            out.append("    note: set gpu_memory_mib to compare with the GPUs' memory (a "
+                       "deploy compares with what nvidia-smi reports on the rig)")
     return out, refusals
 
 
@@ -158,9 +156,9 @@ def cmd_check(args) -> int:
               f"{args.inventory}`", file=sys.stderr)
         return 1
     if refusals:
-        print(f"llm-garage: {args.inventory}: {len(refusals)} GPU(s) would run out of memory "
-              "(before any download; lower ctx_size, use cache_type q8_0, --n-cpu-moe N or "
-              "another tensor_split, or set memory_check: warn):\n"
+        print(f"llm-garage: {args.inventory}: {len(refusals)} profile(s) would run out of "
+              "memory (found before any download; change what a line suggests, or set "
+              "memory_check: warn to only warn):\n"
               + "\n".join(f"  - {r}" for r in refusals), file=sys.stderr)
         return 1
     print(f"{args.inventory}: {len(rigs)} rig(s) valid")

@@ -28,12 +28,16 @@ Weights
 Caches
 - KV: only layers with attention hold one (hybrid models: `recurrent_layers`, else one layer
   in `full_attention_interval`, default 4, for qwen3next/qwen35/qwen35moe), `ctx_size` cells
-  in total whatever `parallel` is, K = key_length × head_count_kv(layer) elements per cell
-  (V with value_length), at the cache type's bytes per element (f16 unless set). A sliding-
-  window layer (only when the header declares the pattern) holds
-  min(ctx, window × parallel + ubatch) cells.
+  in total whatever `parallel` is (padded to 256; without a unified cache, each of the
+  `parallel` streams gets ctx / parallel padded to 256), K = key_length × head_count_kv(layer)
+  elements per cell (V with value_length), at the cache type's bytes per element (f16 unless
+  set). A sliding-window layer (only when the header declares the pattern) holds, per stream,
+  min(cells, window × (parallel if unified else 1) + ubatch) padded to 256.
 - Recurrent state (hybrid layers): f32, 4 × [(conv_kernel − 1) × (inner + 2 × groups ×
   state) + state × inner] bytes per layer and slot, × max(1, parallel).
+- llama-server without `parallel` runs 4 slots sharing one (unified) KV cache; with
+  `parallel` the cache is split per slot unless `--kv-unified` is among extra_args.
+  ik_llama.cpp keeps one cache, `parallel` slots (default 1).
 
 Compute: the engine's compute buffers have no closed formula. The plan charges an estimate:
 the logits of one micro-batch (n_vocab × ubatch × 4 bytes) on the GPU holding the output
@@ -63,6 +67,7 @@ EXPS_RE = r"\.ffn_(up|down|gate|gate_up)_(ch|)exps"  # llama.cpp's LLM_FFN_EXPS_
 HYBRID_ARCHS = ("qwen3next", "qwen35", "qwen35moe")
 INPUT_TENSORS = re.compile(r"(token_embd|token_types|position_embd|token_embd_norm)\.")
 DEFAULT_UBATCH = 512
+CTX_STEP = 256  # llama.cpp pads the context (and each sequence's share of it) to 256 cells
 CPU = "CPU"
 
 
@@ -81,10 +86,17 @@ class Device:
     recurrent: int = 0
     compute: int = 0
     capacity: int | None = None  # bytes usable (memory minus reserve); None = unknown
+    memory_note: str = ""  # where the capacity comes from, for messages
+    counts_weights: bool = True  # False: the CPU's weights are memory-mapped (page cache)
 
     @property
     def total(self) -> int:
-        return self.weights + self.kv + self.recurrent + self.compute
+        weights = self.weights if self.counts_weights else 0
+        return weights + self.kv + self.recurrent + self.compute
+
+    @property
+    def label(self) -> str:
+        return self.name if self.gpu is None else f"{self.name} (GPU {self.gpu})"
 
     @property
     def headroom(self) -> int | None:
@@ -106,7 +118,18 @@ class Plan:
         return next(d for d in self.devices if d.name == name)
 
     def overfull(self) -> list[Device]:
-        return [d for d in self.gpus if d.headroom is not None and d.headroom < 0]
+        """The devices (GPUs, and the CPU when the RAM is known) that would run out."""
+        return [d for d in self.devices if d.headroom is not None and d.headroom < 0]
+
+    def shortfall(self) -> str:
+        """Which devices are short and by how much, in one line."""
+        parts = []
+        for d in self.overfull():
+            what = "RAM" if d.name == CPU else "memory"
+            note = f" ({d.memory_note})" if d.memory_note else ""
+            parts.append(f"{d.label} needs {mib(d.total)} of {what} but has {mib(d.capacity)}"
+                         f"{note}: {mib(-d.headroom)} short")
+        return "; ".join(parts)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,6 +151,12 @@ class Options:
     flash_attn: str | None = None
     capacities: Mapping[str, int] = dataclasses.field(default_factory=dict)  # gpu -> bytes
     compute_reserve: int = 0  # bytes per used GPU
+    memory_notes: Mapping[str, str] = dataclasses.field(default_factory=dict)  # gpu -> source
+    ram: int | None = None  # bytes of RAM the CPU's share may use; None = unknown
+    ram_note: str = ""
+    weights_in_ram: bool = False  # --no-mmap or --mlock: the CPU's weights count against RAM
+    kv_unified: bool = True  # one KV stream shared by all sequences (else one per sequence)
+    notes: Sequence[str] = ()  # said with the plan (how the options were chosen)
 
 
 # --- layers -------------------------------------------------------------------------------------
@@ -235,11 +264,14 @@ def _rules(opts: Options, notes: list[str]) -> list[tuple[re.Pattern, str]]:
 
 def plan(layout: Mapping[str, Any], opts: Options) -> Plan:
     """Per device: which layers, weights, KV, recurrent state and compute (estimate)."""
-    notes: list[str] = []
+    notes: list[str] = list(opts.notes)
     n_layer = layout["n_layer"]
     gpus = list(opts.gpus)
-    devices = [Device(f"CUDA{i}", g, capacity=opts.capacities.get(g))
-               for i, g in enumerate(gpus)] + [Device(CPU)]
+    devices = [Device(f"CUDA{i}", g, capacity=opts.capacities.get(g),
+                      memory_note=opts.memory_notes.get(g, ""))
+               for i, g in enumerate(gpus)] + [
+        Device(CPU, capacity=opts.ram, memory_note=opts.ram_note,
+               counts_weights=opts.weights_in_ram)]
     ngl = opts.n_gpu_layers
     if ngl is None or isinstance(ngl, str):
         if ngl == "auto":
@@ -302,19 +334,22 @@ def plan(layout: Mapping[str, Any], opts: Options) -> Plan:
         notes.append(f"no ctx_size: planned with the model's training context ({ctx})")
     cache_k = opts.cache_type_k or "f16"
     cache_v = opts.cache_type_v or "f16"
-    parallel = max(1, opts.parallel or 1)
+    n_seq = max(1, opts.parallel or 1)
     ubatch = opts.ubatch_size or DEFAULT_UBATCH
     recurrent = recurrent_layers(layout)
     swa = swa_layers(layout)
     window = (layout.get("attention") or {}).get("sliding_window") or 0
-    state = recurrent_bytes(layout) * parallel
+    per_stream, streams = kv_cells(ctx, n_seq, opts.kv_unified)
+    swa_cells = streams * _pad(min(per_stream, window * (n_seq if opts.kv_unified else 1)
+                                   + ubatch), CTX_STEP)
+    state = recurrent_bytes(layout) * n_seq
     attention_devs = set()
     for il in range(n_layer):
         dev = dev_of_layer(il)
         if recurrent[il]:
             dev.recurrent += state
             continue
-        cells = min(ctx, window * parallel + ubatch) if swa[il] else ctx
+        cells = swa_cells if swa[il] else per_stream * streams
         per_cell = kv_bytes_per_cell(layout, il, cache_k, cache_v)
         dev.kv += math.ceil(per_cell * cells)
         if per_cell:
@@ -334,27 +369,219 @@ def plan(layout: Mapping[str, Any], opts: Options) -> Plan:
                 d.compute += heads * ubatch * ctx * 4
     for d in used:
         d.compute += opts.compute_reserve
-    return Plan(devices, notes, ctx, n_layer)
+    cpu = devices[-1]
+    if cpu.capacity is not None and cpu.weights and not cpu.counts_weights:
+        notes.append("the CPU's weights are memory-mapped (page cache), not counted against "
+                     "RAM (no_mmap or mlock count them)")
+    return Plan(devices, notes, per_stream * streams, n_layer)
+
+
+def _pad(n: int, step: int) -> int:
+    return -(-n // step) * step
+
+
+def kv_cells(ctx: int, n_seq: int, unified: bool) -> tuple[int, int]:
+    """(cells per stream, streams) of the KV cache, as llama.cpp sizes it (llama_context,
+    llama_kv_cache): the context padded to 256; one stream when the cache is unified, else
+    one per sequence of ctx / n_seq cells, padded to 256 again."""
+    ctx = _pad(ctx, CTX_STEP)
+    if unified or n_seq == 1:
+        return ctx, 1
+    return _pad(ctx // n_seq, CTX_STEP), n_seq
+
+
+# --- fixes --------------------------------------------------------------------------------------
+
+def fits(layout: Mapping[str, Any], opts: Options) -> bool:
+    return not plan(layout, opts).overfull()
+
+
+def _largest(lo: int, hi: int, ok) -> int | None:
+    """The largest n in lo..hi with ok(n), for ok true up to some n and false above."""
+    if not ok(lo):
+        return None
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid - 1)
+    return lo
+
+
+def _smallest(lo: int, hi: int, ok) -> int | None:
+    """The smallest n in lo..hi with ok(n), for ok false up to some n and true above."""
+    if not ok(hi):
+        return None
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if ok(mid) else (mid + 1, hi)
+    return lo
+
+
+def layer_costs(layout: Mapping[str, Any], opts: Options) -> tuple[list[int], int] | None:
+    """What each offloaded layer (the output layer last) costs the GPU holding it, and the
+    bytes every used GPU carries whatever it holds (the compute reserve), measured by the plan
+    itself with one device per layer. None when the layers are not placed by -ts (split mode
+    none/row, or -ot rules that name a CUDA device)."""
+    if (opts.split_mode or "layer") != "layer" or any(
+            re.search(r"=\s*CUDA\d+", rule) for rule in opts.override_tensor):
+        return None
+    n_layer = layout["n_layer"]
+    ngl = opts.n_gpu_layers if isinstance(opts.n_gpu_layers, int) else n_layer + 1
+    act = min(ngl, n_layer + 1)
+    if act < 1:
+        return None
+    one_each = dataclasses.replace(opts, gpus=[f"layer{i}" for i in range(act)],
+                                   tensor_split=[1.0] * act, capacities={}, memory_notes={})
+    p = plan(layout, one_each)
+    return [d.total - opts.compute_reserve for d in p.gpus], opts.compute_reserve
+
+
+def balanced_split(costs: Sequence[int], fixed: int, capacities: Sequence[int]
+                   ) -> list[int] | None:
+    """Layers per GPU, in order (the engine keeps layers contiguous), that fit every GPU's
+    capacity with the most headroom in proportion; None when no split fits."""
+    def pack(ratio: float) -> list[int] | None:
+        counts, i = [], 0
+        for g, cap in enumerate(capacities):
+            limit = ratio * cap - fixed
+            used, n = 0, 0
+            last = g == len(capacities) - 1
+            while i < len(costs) and (last or used + costs[i] <= limit):
+                used += costs[i]
+                i, n = i + 1, n + 1
+            if used > limit:
+                return None
+            counts.append(n)
+        return counts if i == len(costs) else None
+
+    if pack(1.0) is None:
+        return None
+    lo, hi = 0.0, 1.0
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if pack(mid) is not None else (mid, hi)
+    return pack(hi)
+
+
+def fixes(layout: Mapping[str, Any], opts: Options) -> list[str]:
+    """Settings that make this profile fit, each alone, each checked by `plan`: the largest
+    ctx_size, q8_0 KV, a tensor_split, the fewest --n-cpu-moe layers (or --cpu-moe)."""
+    if fits(layout, opts):
+        return []
+    out = []
+    n_layer = layout["n_layer"]
+    ctx = opts.ctx_size or layout.get("n_ctx_train") or 4096
+    if ctx > CTX_STEP:
+        steps = _largest(1, (ctx - 1) // CTX_STEP, lambda k: fits(
+            layout, dataclasses.replace(opts, ctx_size=k * CTX_STEP)))
+        if steps is not None:
+            out.append(f"ctx_size: {steps * CTX_STEP}")
+    quantized = {"q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl", "q6_0"}
+    if not ({opts.cache_type_k, opts.cache_type_v} <= quantized):
+        q8 = dataclasses.replace(opts, cache_type_k="q8_0", cache_type_v="q8_0")
+        if fits(layout, q8):
+            fa = ", flash_attn: on" if opts.flash_attn == "off" else ""
+            out.append(f"cache_type_k: q8_0, cache_type_v: q8_0{fa}")
+    if len(opts.gpus) > 1 and all(d in opts.capacities for d in opts.gpus):
+        measured = layer_costs(layout, opts)
+        if measured is not None:
+            counts = balanced_split(measured[0], measured[1],
+                                    [opts.capacities[g] for g in opts.gpus])
+            if counts is not None and counts != list(opts.tensor_split or []):
+                split = dataclasses.replace(opts, tensor_split=[float(c) for c in counts])
+                if fits(layout, split):
+                    out.append(f"tensor_split: {counts}")
+    experts = any(re.search(EXPS_RE, name) for name in tensor_bytes(layout))
+    if experts and not opts.cpu_moe:
+        start = (opts.n_cpu_moe or 0) + 1
+        n = _smallest(start, n_layer, lambda k: fits(
+            layout, dataclasses.replace(opts, n_cpu_moe=k))) if start <= n_layer else None
+        if n is not None:
+            out.append(f"n_cpu_moe: {n}")
+        elif fits(layout, dataclasses.replace(opts, cpu_moe=True)):
+            out.append("cpu_moe: true")
+    return out
+
+
+def refusal(host: str, profile: str, p: Plan, layout: Mapping[str, Any], opts: Options
+            ) -> str:
+    """One line for a profile that does not fit: which device is short, by how much, and
+    the settings that would make it fit."""
+    line = f"{host}: profile {profile} does not fit: {p.shortfall()}"
+    found = fixes(layout, opts)
+    if found:
+        line += "; it fits with any one of: " + " | ".join(found)
+    return line
 
 
 # --- from settings ------------------------------------------------------------------------------
 
-def options_for(rig, profile_name: str) -> Options:
-    """The plan's inputs from a validated rig's profile and its GPU settings."""
+def options_for(rig, profile_name: str, memory: Mapping[str, Any] | None = None) -> Options:
+    """The plan's inputs from a validated rig's profile, and what each GPU has for it: from
+    `memory` (the rig's `RigMemory` fact: nvidia-smi's memory.total and memory.free, the
+    memory our own servers that this deploy replaces hold, /proc/meminfo) where it answers,
+    else from the gpu_memory_mib setting. An engine built without CUDA runs on the CPU."""
     p = rig.profiles[profile_name]
     d = rig.data
+    engine = rig.engines.get(p.engine)
     gpus = list(p.cuda_visible_devices or [str(i) for i in range(d.gpu_count)])
-    capacities = {}
+    if engine is not None and not engine.cuda:
+        gpus = []
+    memory = memory or {}
+    kept = kept_units(rig, profile_name)
+    servers = memory.get("servers") or {}
+    rows = memory.get("gpus") or []
+    capacities, notes = {}, {}
     for g in gpus:
-        memory = _per_gpu(d.gpu_memory_mib, g)
-        if memory is not None:
-            capacities[g] = (memory - (_per_gpu(d.gpu_reserve_mib, g) or 0)) * MIB
+        reserve = _per_gpu(d.gpu_reserve_mib, g) or 0
+        row = next((r for r in rows if g in (str(r["index"]), r["uuid"])), None)
+        if row is not None and row.get("total_mib") is not None \
+                and row.get("free_mib") is not None:
+            ours = sum(a["used_mib"] or 0 for a in memory.get("apps") or ()
+                       if a["uuid"] == row["uuid"]
+                       and a["pid"] in servers and servers[a["pid"]]["unit"] not in kept)
+            total, free = row["total_mib"], row["free_mib"] + ours
+            capacities[g] = min(free, total - reserve) * MIB
+            held = total - free
+            notes[g] = f"nvidia-smi: {total:,} MiB total, {held:,} MiB held by others"
+            if reserve > held:
+                notes[g] += f", gpu_reserve_mib {reserve:,}"
+            continue
+        total = _per_gpu(d.gpu_memory_mib, g)
+        if total is not None:
+            capacities[g] = (total - reserve) * MIB
+            notes[g] = f"gpu_memory_mib {total:,}" + (
+                f" - gpu_reserve_mib {reserve:,}" if reserve else "")
+    parallel, unified, said = p.parallel, True, []
+    if (engine is None or engine.kind == "llama.cpp") and parallel is None:
+        parallel = 4
+        said.append("no parallel: llama-server's default, 4 slots sharing one KV cache")
+    elif engine is None or engine.kind == "llama.cpp":
+        unified = any(a in ("-kvu", "--kv-unified") for a in p.extra_args)
+    ram, ram_note = None, ""
+    info = memory.get("ram")
+    if info and info.get("available_kib") is not None:
+        ours = sum(s["rss_kib"] or 0 for s in servers.values() if s["unit"] not in kept)
+        available = min(info["available_kib"] + ours, info.get("total_kib") or 1 << 62)
+        ram = available * 1024
+        ram_note = f"/proc/meminfo: {info.get('total_kib', 0) // 1024:,} MiB total"
     return Options(gpus=gpus, n_gpu_layers=p.n_gpu_layers, tensor_split=p.tensor_split,
                    split_mode=p.split_mode, override_tensor=tuple(p.override_tensor),
                    cpu_moe=p.cpu_moe, n_cpu_moe=p.n_cpu_moe, ctx_size=p.ctx_size,
                    cache_type_k=p.cache_type_k, cache_type_v=p.cache_type_v,
-                   parallel=p.parallel, ubatch_size=p.ubatch_size, flash_attn=p.flash_attn,
-                   capacities=capacities, compute_reserve=d.gpu_compute_reserve_mib * MIB)
+                   parallel=parallel, ubatch_size=p.ubatch_size, flash_attn=p.flash_attn,
+                   capacities=capacities, compute_reserve=d.gpu_compute_reserve_mib * MIB,
+                   memory_notes=notes, ram=ram, ram_note=ram_note,
+                   weights_in_ram=bool(p.no_mmap or p.mlock), kv_unified=unified,
+                   notes=tuple(said))
+
+
+def kept_units(rig, profile_name: str) -> set[str]:
+    """Our llama-server units that keep running beside this profile: the other enabled
+    profiles'. The memory any other of ours holds counts as free: a deploy restarts this
+    profile's own service and stops those no enabled profile names."""
+    from .layout import service_name
+
+    return {service_name(n) for n, p in rig.profiles.items() if p.enabled and n != profile_name}
 
 
 def _per_gpu(value, gpu: str):
@@ -383,13 +610,13 @@ def table(p: Plan) -> list[str]:
     for d in p.devices:
         if d.name == CPU and not (d.weights or d.kv or d.recurrent):
             continue
-        label = d.name if d.gpu is None else f"{d.name} (GPU {d.gpu})"
+        label = d.label
         layers = str(len([x for x in d.layers if x < p.n_layer]))
         if p.n_layer in d.layers:
             layers += "+out"
         memory = "?" if d.capacity is None else m(d.capacity)
         free = "" if d.headroom is None else m(d.headroom)
-        if d.name == CPU:
+        if d.name == CPU and d.capacity is None:
             memory = "RAM"
         values = (m(d.weights), m(d.kv), m(d.recurrent), m(d.compute), m(d.total), memory, free)
         rows.append(f"{label:<14} {layers:>7} " + " ".join(f"{v:>10}" for v in values))

@@ -391,9 +391,11 @@ class Profile:
                                     type="int", check=is_int(1, 86400))
     warmup_requests: int = setting(1, doc="chat requests sent after a (re)start to prove it "
                                           "answers", type="int", check=is_int(0, 100))
-    memory_check: str = setting("refuse", doc="what `llm-garage check` does when the memory "
-                                              "plan puts more on a GPU than gpu_memory_mib "
-                                              "leaves: refuse (exit 1) or warn",
+    memory_check: str = setting("refuse", doc="what `llm-garage check` and the deploy do "
+                                              "when the memory plan puts more on a GPU (or, "
+                                              "at deploy time, in RAM) than it has: refuse "
+                                              "(check exits 1, the deploy stops before any "
+                                              "download) or warn",
                                 type="'refuse' | 'warn'", check=one_of("refuse", "warn"))
     prove_tool_call: bool = setting(True, doc="prove every (re)start with a tool-call "
                                               "conversation through the chat template (when "
@@ -539,13 +541,15 @@ class RigData:
     gpu_memory_mib: int | list[int] | None = setting(
         None, doc="memory of each GPU in MiB, as nvidia-smi's memory.total reports it (RTX "
                   "3090: 24576): one value for every GPU, or one per GPU index; `llm-garage "
-                  "check` compares each profile's memory plan with it; empty = no comparison",
+                  "check` compares each profile's memory plan with it, a deploy only where "
+                  "the rig's nvidia-smi does not answer; empty = no comparison offline",
         type="int | list[int]",
         check=optional(either(is_int(1), list_of(is_int(1), 1, "MiB values"),
                               accepts="MiB as a whole number, or a list of them")))
     gpu_reserve_mib: int | list[int] = setting(
         0, doc="MiB of each GPU that something else holds (a display, another process): one "
-               "value for every GPU, or one per GPU index; subtracted from gpu_memory_mib",
+               "value for every GPU, or one per GPU index; subtracted from gpu_memory_mib; "
+               "at deploy time the larger of it and what nvidia-smi shows others hold",
         type="int | list[int]",
         check=either(is_int(0), list_of(is_int(0), 1, "MiB values"),
                      accepts="MiB as a whole number, or a list of them"))

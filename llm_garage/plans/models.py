@@ -88,6 +88,22 @@ def pins_for(state) -> dict[tuple[str, str], hf.Resolved]:
     return _PINS[state]
 
 
+_LAYOUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def layouts_for(state) -> dict[str, dict] | None:
+    """Model name -> the GGUF header summary the lock records for its pin (what a memory plan
+    needs), read once per run; None when there is no lock. The models' pins (`pins_for`)
+    decide first whether the lock pins what the inventory asks."""
+    pins_for(state)
+    with _PINS_LOCK:
+        if state not in _LAYOUTS:
+            path = lock.lock_path_of(fleet_for(state))
+            _LAYOUTS[state] = (lock.Lock.load(path).layouts if path and path.exists()
+                               else None)
+    return _LAYOUTS[state]
+
+
 def _pins(state) -> dict[tuple[str, str], hf.Resolved] | Exception:
     rigs = fleet_for(state)
     limit = getattr(state, "limit_hosts", None)
@@ -107,5 +123,6 @@ def _pins(state) -> dict[tuple[str, str], hf.Resolved] | Exception:
         how = (f"`llm-garage lock <inventory>` to write {path}" if path
                else "set models_lock and run `llm-garage lock <inventory>`")
         logger.warning(f"--> Models resolved through the Hugging Face API (no lock); "
-                       f"{how} to pin them")
+                       f"{how} to pin them and to check their memory plan before any "
+                       "download")
     return pinned

@@ -1,6 +1,7 @@
 """Real llama.cpp on a test rig: upstream's tree (from the llama-cpp-python sdist, tags b7001
 and a bad b7002) served by git daemon, built CPU-only by the deploy, serving a tiny model with
-Qwen3.5's real chat template, which must carry a two-turn tool-call conversation.
+Qwen3.5's real chat template, which must carry a two-turn tool-call conversation; the memory
+plan of that model must agree with the buffer sizes llama-server logs when it loads it.
 
 The rig's ccache lives on the host (``lab.rigs.ccache_binds``): the first run on a machine
 builds llama-server cold, later runs mostly hit the cache."""
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import urllib.error
@@ -21,13 +23,18 @@ import lab.rigs
 from lab.rigs.pyinfra_results import REPO_ROOT
 from lab.serving import controller_env
 from lab.standins.engine_repo import GitDaemon
+from lab.standins.gguf_gen import write_split_model
 from lab.standins.hf_server import HFServer
 from lab.standins.real_llama import ensure_real_llama, write_qwen_tool_model
+from llm_garage import fit
+from llm_garage.lock import Lock
+from llm_garage.settings import load_rig
 
 pytestmark = pytest.mark.e2e
 
 MODEL_REPO = "garage/Qwen3.5-Tiny-GGUF"
 MODEL_FILE = "Qwen3.5-Tiny-F32.gguf"
+DENSE_REPO = "garage/Dense-GGUF"
 PORT = 8080
 # One parameter, an integer enum of one value: the tool call grammar leaves the model nothing
 # to choose (a string parameter would be free text up to </parameter>).
@@ -54,8 +61,11 @@ def real_git_url(module_fleet, real):
 @pytest.fixture(scope="module")
 def qwen_hub(module_fleet, real, tmp_path_factory):
     model = write_qwen_tool_model(tmp_path_factory.mktemp("qwen") / MODEL_FILE, real)
+    dense = write_split_model(tmp_path_factory.mktemp("dense"), "Dense-F32", 3, n_layers=4,
+                              vocab=2048, n_embd=256, n_ff=512)
     with HFServer(bind=module_fleet.host_ip) as hub:
         hub.add_repo(MODEL_REPO, {MODEL_FILE: model})
+        hub.add_repo(DENSE_REPO, {f"F32/{p.name}": p for p in dense})
         yield hub
 
 
@@ -102,10 +112,25 @@ def tool_turns(rig) -> tuple[tuple[int, dict], tuple[int, dict]]:
 def test_real_llama_cpp_serves_a_two_turn_tool_conversation(
         module_fleet, converge, real, real_git_url, qwen_hub, tmp_path):
     (rig,) = module_fleet.start(["rig1"], binds=lab.rigs.ccache_binds("real-llama.cpp"))
-    inventory = module_fleet.write_inventory(
-        tmp_path / "inventory.py", {"rig1": rig_data(qwen_hub, real_git_url, real.good_tag)})
+    # locked: the deploy plans the model's memory from its GGUF header before fetching it
+    data = {**rig_data(qwen_hub, real_git_url, real.good_tag),
+            "models_lock": str(tmp_path / "inventory.lock.json")}
+    # the library's load figures (buffer sizes) are logged at verbosity 4 in this tree
+    data["profiles"]["qwen"]["extra_args"] = ["--log-verbosity", "4"]
+    # a second model, split in 3 shards, with 3 slots of their own KV streams and q8_0 K
+    data["models"]["dense"] = {"repo": DENSE_REPO, "revision": "main", "quant": "F32"}
+    data["profiles"]["dense"] = {
+        "model": "dense", "engine": "llama", "port": PORT + 1, "alias": "dense",
+        "ctx_size": 9216, "parallel": 3, "cache_type_k": "q8_0", "prove_tool_call": False,
+        "health_timeout_s": 120, "extra_args": ["--log-verbosity", "4"]}
+    inventory = module_fleet.write_inventory(tmp_path / "inventory.py", {"rig1": data})
+    env = controller_env(tmp_path)
+    locked = subprocess.run([sys.executable, "-m", "llm_garage.cli", "lock", str(inventory)],
+                            capture_output=True, text=True, cwd=REPO_ROOT, timeout=120,
+                            env={"PATH": "/usr/bin:/bin", **env})
+    assert locked.returncode == 0, locked.stderr
 
-    converge(inventory, env=controller_env(tmp_path))
+    converge(inventory, env=env)
 
     stamp = rig.ssh("cat /opt/llm-garage/builds/llama/current/stamp").stdout.splitlines()
     build = dict(line.split("=", 1) for line in stamp[1:] if "=" in line)
@@ -130,7 +155,8 @@ def test_real_llama_cpp_serves_a_two_turn_tool_conversation(
     # The bench against the real server: token counts from its /tokenize, its own timings.
     pid = service_pid(rig, "llama-server-qwen.service")
     out = subprocess.run([sys.executable, "-m", "llm_garage.cli", "bench", str(inventory),
-                          "--depths", "256,1k,4k", "--gen", "16", "--repeat", "2"],
+                          "--profile", "qwen", "--depths", "256,1k,4k", "--gen", "16",
+                          "--repeat", "2"],
                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
                          env={**os.environ, **controller_env(tmp_path)})
     assert out.returncode == 0, out.stdout + out.stderr
@@ -148,6 +174,50 @@ def test_real_llama_cpp_serves_a_two_turn_tool_conversation(
         assert r["engine"]["commit"] == real.good_commit
         assert r["decode_w"] is None and r["gpus"] == []  # no GPU: no power
     assert service_pid(rig, "llama-server-qwen.service") == pid
+
+    # The memory plan against what llama-server itself reported at load (CPU only: the
+    # engine is built without CUDA, so the plan puts every layer on the CPU).
+    locked = Lock.load(tmp_path / "inventory.lock.json")
+    settings, errors = load_rig("rig1", data)
+    assert not errors, errors
+    for profile, files in (("qwen", 1), ("dense", 3)):
+        layout = locked.layouts[profile]
+        opts = fit.options_for(settings, profile)
+        cpu = fit.plan(layout, opts).device("CPU")
+        logged = load_figures(rig, f"llama-server-{profile}.service", files)
+        log.info("%s: memory plan vs llama-server (MiB): weights %.4f vs %.2f, KV %.4f vs %.2f, "
+                 "CPU compute buffer (not planned) %.2f; load lines:\n%s", profile,
+                 cpu.weights / fit.MIB, logged["weights"], cpu.kv / fit.MIB, logged["kv"],
+                 logged["compute"], "\n".join(logged["lines"]))
+        for planned, reported in ((cpu.weights, logged["weights"]), (cpu.kv, logged["kv"])):
+            # 1 %, or the log's own rounding to 0.01 MiB per figure, whichever is larger
+            assert abs(planned / fit.MIB - reported) <= max(0.01 * reported, 0.005 * files), (
+                profile, planned / fit.MIB, reported, logged["lines"])
+    # the dense model: 3 slots, each its own stream of 9216 / 3 cells, K q8_0, V f16
+    assert re.search(r"\( *3072 cells, +4 layers, +3/3 seqs\), K \(q8_0\)",
+                     "\n".join(logged["lines"])), logged["lines"]
+    assert cpu.layers == [0, 1, 2, 3, 4] and cpu.weights > 12 * fit.MIB
+
+
+LOAD_FIGURES = {
+    "weights": re.compile(r"CPU(?:_Mapped)? model buffer size = +([\d.]+) MiB"),
+    "kv": re.compile(r"CPU KV buffer size = +([\d.]+) MiB"),
+    "compute": re.compile(r"CPU compute buffer size = +([\d.]+) MiB"),
+}
+
+
+def load_figures(rig, unit: str, files: int) -> dict:
+    """The buffer sizes llama-server logged at its last load: the model's (one buffer per
+    file of a split model), the KV cache's and the compute buffer's, in MiB."""
+    journal = rig.ssh(f"journalctl -u {unit} -b -o cat --no-pager").stdout
+    figures: dict = {"lines": [line for line in journal.splitlines()
+                               if "buffer size" in line or "llama_kv_cache: size" in line]}
+    for key, pattern in LOAD_FIGURES.items():
+        found = [float(x) for x in pattern.findall(journal)]
+        assert found, f"no {key} figure in the journal of {unit}:\n" + "\n".join(
+            figures["lines"] or journal.splitlines()[-60:])
+        figures[key] = sum(found[-files:]) if key == "weights" else found[-1]
+    return figures
 
 
 def test_real_llama_cpp_tag_that_breaks_tool_history_is_rolled_back(

@@ -32,25 +32,25 @@ def weights(p):
 
 
 def test_layers_split_by_count_output_on_the_last_gpu_token_embd_on_the_cpu():
-    p = fit.plan(small(), Options(gpus=["0", "1"], tensor_split=[1, 1], ctx_size=1000))
+    p = fit.plan(small(), Options(gpus=["0", "1"], tensor_split=[1, 1], ctx_size=1024))
     # 5 "layers" (4 blocks + output), splits 0.5/1.0: i/5 < 0.5 -> 0, 1, 2 on CUDA0
     assert p.device("CUDA0").layers == [0, 1, 2] and p.device("CUDA1").layers == [3, 4]
     assert weights(p) == {"CUDA0": 3 * 1110, "CUDA1": 1110 + 504, "CPU": 1000}
     # f16 KV: (8 x 2 + 8 x 2) elements x 2 bytes = 64 B per cell and layer
     assert (p.device("CUDA0").kv, p.device("CUDA1").kv, p.device("CPU").kv) == (
-        3 * 64_000, 64_000, 0)
+        3 * 65_536, 65_536, 0)
 
 
 def test_ngl_keeps_the_first_layers_on_the_cpu():
-    p = fit.plan(small(), Options(gpus=["0"], n_gpu_layers=2, ctx_size=1000))
+    p = fit.plan(small(), Options(gpus=["0"], n_gpu_layers=2, ctx_size=1024))
     # the last 2 of 5: block 3 and the output
     assert p.device("CUDA0").layers == [3, 4]
     assert weights(p) == {"CUDA0": 1110 + 504, "CPU": 1000 + 3 * 1110}
-    assert p.device("CPU").kv == 3 * 64_000
+    assert p.device("CPU").kv == 3 * 65_536
 
 
 def test_cpu_moe_n_cpu_moe_and_ot_rules_first_match_wins():
-    opts = dict(gpus=["0", "1"], tensor_split=[1, 1], ctx_size=1000)
+    opts = dict(gpus=["0", "1"], tensor_split=[1, 1], ctx_size=1024)
     p = fit.plan(small(), Options(**opts, cpu_moe=True))
     assert weights(p) == {"CUDA0": 3 * 110, "CUDA1": 110 + 504, "CPU": 1000 + 4 * 1000}
     p = fit.plan(small(), Options(**opts, n_cpu_moe=1))
@@ -64,21 +64,21 @@ def test_cpu_moe_n_cpu_moe_and_ot_rules_first_match_wins():
 
 
 def test_tied_embeddings_put_a_copy_on_the_output_gpu():
-    p = fit.plan(small(tied=True), Options(gpus=["0"], ctx_size=1000))
+    p = fit.plan(small(tied=True), Options(gpus=["0"], ctx_size=1024))
     assert weights(p) == {"CUDA0": 4 * 1110 + 4 + 1000, "CPU": 1000}
 
 
 def test_cache_types_bytes_per_element_and_split_mode_none():
-    p = fit.plan(small(), Options(gpus=["0", "1"], split_mode="none", ctx_size=1000,
+    p = fit.plan(small(), Options(gpus=["0", "1"], split_mode="none", ctx_size=1024,
                                   cache_type_k="q8_0", cache_type_v="q4_0"))
     # K: 16 x 34/32 = 17 B, V: 16 x 18/32 = 9 B per cell and layer; all on CUDA0
-    assert p.device("CUDA0").kv == 4 * 26_000 and p.device("CUDA1").layers == []
+    assert p.device("CUDA0").kv == 4 * 26_624 and p.device("CUDA1").layers == []
 
 
 def test_48_layers_with_ts_0_9_and_five_ones():
     layout = small(n_layer=48)
     p = fit.plan(layout, Options(gpus=[str(i) for i in range(6)],
-                                 tensor_split=[0.9, 1, 1, 1, 1, 1], ctx_size=1000))
+                                 tensor_split=[0.9, 1, 1, 1, 1, 1], ctx_size=1024))
     blocks = [len([x for x in d.layers if x < 48]) for d in p.gpus]
     assert blocks == [8, 8, 9, 8, 8, 7] and p.device("CUDA5").layers[-1] == 48
     # the engine logs 49/49 layers offloaded: CUDA5 holds 7 blocks and the output layer
@@ -155,3 +155,37 @@ def test_options_come_from_the_profile_and_the_gpu_settings():
 def test_per_gpu_memory_lists_must_match_gpu_count(key, value):
     _, errors = load_rig("r", {"gpu_count": 2, key: value})
     assert any(key in str(e) and "values for gpu_count 2" in str(e) for e in errors), errors
+
+
+def test_kv_cells_are_padded_and_split_per_slot_as_the_engine_does():
+    assert fit.kv_cells(1000, 1, True) == (1024, 1)
+    assert fit.kv_cells(262144, 4, True) == (262144, 1)  # one stream shared by 4 slots
+    assert fit.kv_cells(10000, 3, False) == (3584, 3)  # pad(pad(10000) / 3) = pad(3413)
+    p = fit.plan(small(), Options(gpus=["0"], ctx_size=10000, parallel=3, kv_unified=False))
+    assert p.kv_cells == 3 * 3584 and p.device("CUDA0").kv == 4 * 64 * 3 * 3584
+    swa = {**small(), "attention": {**small()["attention"], "sliding_window": 128,
+                                    "sliding_window_pattern": 2}}
+    # layers 0 and 2 slide: pad(min(cells, 128 x 3 + 512)) = 1024 unified, 768 per stream
+    unified = fit.plan(swa, Options(gpus=["0"], ctx_size=10000, parallel=3))
+    assert unified.device("CUDA0").kv == 64 * (2 * 10240 + 2 * 1024)
+    split = fit.plan(swa, Options(gpus=["0"], ctx_size=10000, parallel=3, kv_unified=False))
+    assert split.device("CUDA0").kv == 64 * 3 * (2 * 3584 + 2 * 768)
+
+
+def test_llama_server_default_slots_and_kv_unified_from_the_profile():
+    def opts(kind="llama.cpp", **settings):
+        rig, errors = load_rig("r", {
+            "gpu_count": 1, "engines": {"e": {"kind": kind, "ref": "b8137" if kind == "llama.cpp"
+                                              else "a" * 40}},
+            "models": {"m": {"repo": "a/b", "revision": "main", "quant": "Q4"}},
+            "profiles": {"p": {"model": "m", "engine": "e", "port": 8000, **settings}}})
+        assert not errors, errors
+        return fit.options_for(rig, "p")
+
+    auto = opts()
+    assert (auto.parallel, auto.kv_unified) == (4, True) and "4 slots" in auto.notes[0]
+    assert fit.plan(QWEN397, auto).device("CUDA0").recurrent == 4 * 195_379_200
+    assert (opts(parallel=2).parallel, opts(parallel=2).kv_unified) == (2, False)
+    assert opts(parallel=2, extra_args=["--kv-unified"]).kv_unified
+    ik = opts("ik_llama.cpp")
+    assert (ik.parallel, ik.kv_unified, ik.notes) == (None, True, ())

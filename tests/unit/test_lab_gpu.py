@@ -231,3 +231,28 @@ def test_fake_power_draw_follows_the_engine_phase(tmp_path):
     assert draws() == ["0, 200.00", "1, 200.37"]
     phase.write_text("idle\n")  # a phase without a value: the preset's draw
     assert draws() == ["0, 21.40", "1, 21.77"]
+
+
+def test_fake_compute_apps_add_to_memory_used(tmp_path):
+    config = tmp_path / "etc/fake-nvidia/gpus.json"
+    config.parent.mkdir(parents=True)
+    config.write_text(json.dumps({"gpus": [
+        {"model": "rtx3090", "memory_used_mib": 300,
+         "processes": [{"pid": 4242, "name": "/usr/bin/python3", "used_memory_mib": 20480}]},
+        {"model": "rtx3090"}]}))
+    memory = smi(tmp_path, "--query-gpu=index,memory.total,memory.used,memory.free",
+                 "--format=csv,noheader,nounits").stdout.splitlines()
+    # used = 300 + the process; free = total - reserved (243) - used
+    assert memory == ["0, 24576, 20780, 3553", "1, 24576, 1, 24332"]
+    uuid = smi(tmp_path, "--query-gpu=uuid", "--format=csv,noheader").stdout.split()[0]
+    apps = smi(tmp_path, "--query-compute-apps=gpu_uuid,pid,used_memory",
+               "--format=csv,noheader,nounits")
+    assert apps.returncode == 0 and apps.stdout == f"{uuid}, 4242, 20480\n"
+    with_header = smi(tmp_path, "--query-compute-apps=pid,process_name,used_gpu_memory",
+                      "--format=csv").stdout.splitlines()
+    assert with_header == ["pid, process_name, used_gpu_memory [MiB]",
+                           "4242, /usr/bin/python3, 20480 MiB"]
+    none = smi(tmp_path, "-i", "1", "--query-compute-apps=pid", "--format=csv,noheader")
+    assert none.returncode == 0 and none.stdout == ""
+    bad = smi(tmp_path, "--query-compute-apps=pid,bogus", "--format=csv")
+    assert bad.returncode == 2 and 'Field "bogus" is not a valid field' in bad.stdout

@@ -352,9 +352,19 @@ def test_check_prints_the_memory_plan_and_refuses_what_does_not_fit(gguf_hub, tm
     write(rig)
     check = run("check")
     assert check.returncode == 1
-    assert "1 GPU(s) would run out of memory (before any download" in check.stderr
-    assert re.search(r"rig1: profile h does not fit: CUDA0 \(GPU 0\) needs (\d\.\d) MiB of "
-                     r"1\.0 MiB, \d\.\d MiB over", check.stderr), check.stderr
+    assert "1 profile(s) would run out of memory (found before any download" in check.stderr
+    fix = re.search(r"rig1: profile h does not fit: CUDA0 \(GPU 0\) needs \d\.\d MiB of "
+                    r"memory but has 1\.0 MiB \(gpu_memory_mib 1\): \d\.\d MiB short; it fits "
+                    r"with any one of: ctx_size: (\d+) \| tensor_split: \[(\d), (\d)\]$",
+                    check.stderr.strip())
+    assert fix, check.stderr
+    # each suggestion fits, as the plan computes it; one more step of context does not
+    ctx, ts = int(fix[1]), [int(fix[2]), int(fix[3])]
+    for change, code in (({"ctx_size": ctx}, 0), ({"ctx_size": ctx + 256}, 1),
+                         ({"tensor_split": ts}, 0)):
+        write({**rig, "profiles": {"h": {**profile, **change}}})
+        assert run("check").returncode == code, (change, code)
+    write(rig)
 
     profile["memory_check"] = "warn"
     write(rig)
