@@ -253,6 +253,7 @@ class StandIn(http.server.BaseHTTPRequestHandler):
     ready_after = 2  # /health answers 503 this many times first
     key = None
     alias = "tiny"
+    props = None  # /props answers 404 unless set
     health_calls = 0
     chats: list = []
 
@@ -278,6 +279,8 @@ class StandIn(http.server.BaseHTTPRequestHandler):
             if not self._authorized():
                 return self._send(401, {"error": "Invalid API Key"})
             return self._send(200, {"object": "list", "data": [{"id": cls.alias}]})
+        if self.path == "/props" and cls.props is not None:
+            return self._send(200, cls.props)
         self._send(404, {})
 
     def do_POST(self):
@@ -319,6 +322,29 @@ def test_check_waits_for_health_then_lists_and_warms_up(stand_in, tmp_path):
     assert handler.health_calls == 3
     assert [c["model"] for c in handler.chats] == ["tiny", "tiny"]
     assert "healthy after" in out.stderr and "k-123" not in out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("ctx_size, slots, n_ctx, proven", [
+    (4096, 1, 4096, True),
+    (4096, 2, 2048, True),       # each of 2 slots gets half
+    (4096, 4, 4096, True),       # a unified cache: every slot may use all of it
+    (10000, 3, 3584, True),      # 10000 / 3 cells per slot, rounded up to 256 by the engine
+    (10000, 1, 10240, True),     # rounded up, never down
+    (10000, 3, 3072, False),     # less than a third: clamped
+    (131072, 1, 40960, False),   # clamped to the model's training context
+])
+def test_check_accepts_the_context_rounded_up_never_clamped(stand_in, tmp_path, ctx_size,
+                                                            slots, n_ctx, proven):
+    handler, url = stand_in
+    handler.ready_after = 0
+    handler.props = {"default_generation_settings": {"n_ctx": n_ctx}, "total_slots": slots}
+    report = tmp_path / "proof.json"
+    out = check(url, "--ctx-size", str(ctx_size), "--report", str(report))
+    assert out.returncode == (0 if proven else 1), out.stderr
+    assert json.loads(report.read_text())["n_ctx"] == n_ctx
+    if not proven:
+        assert (f"the server runs with n_ctx {n_ctx} per request, but the profile asks for "
+                f"ctx_size {ctx_size} ({slots} slot(s)): the context was clamped") in out.stderr
 
 
 def test_check_fails_with_the_journal_when_never_ready(stand_in):
