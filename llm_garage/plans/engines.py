@@ -32,17 +32,21 @@ MIN_CUDA = {
     "103": (12, 9), "121": (12, 9),
 }
 # Oldest Linux x86_64 driver each CUDA release needs: the "Toolkit Driver Version" of the
-# release's GA in NVIDIA's CUDA Toolkit Release Notes, table "CUDA Toolkit and Corresponding
-# Driver Versions" (https://docs.nvidia.com/cuda/cuda-toolkit-release-notes/, and the archived
-# notes of each release under https://docs.nvidia.com/cuda/archive/). A release newer than the
-# table is held to the newest entry of its major (a floor, not a guess above it); releases
-# older than the table are not checked.
+# release's GA, from NVIDIA's CUDA Toolkit Release Notes, Table 3 "CUDA Toolkit and
+# Corresponding Driver Versions" (https://docs.nvidia.com/cuda/cuda-toolkit-release-notes/,
+# read in the CUDA 13.2 Update 2 notes; each release's own notes are archived under
+# https://docs.nvidia.com/cuda/archive/). An update release may list a newer driver (13.0
+# Update 1: 580.82.07); the GA's is the floor a release's minor-version compatibility keeps.
+# A release newer than the table is held to the newest entry of its major (a floor, not a
+# guess above it); releases older than the table are not checked.
 MIN_DRIVER = {
+    (11, 0): "450.51.05", (11, 1): "455.23", (11, 2): "460.27.03", (11, 3): "465.19.01",
+    (11, 4): "470.42.01", (11, 5): "495.29.05", (11, 6): "510.39.01", (11, 7): "515.43.04",
     (11, 8): "520.61.05",
     (12, 0): "525.60.13", (12, 1): "530.30.02", (12, 2): "535.54.03", (12, 3): "545.23.06",
     (12, 4): "550.54.14", (12, 5): "555.42.02", (12, 6): "560.28.03", (12, 8): "570.26",
     (12, 9): "575.51.03",
-    (13, 0): "580.65.06",
+    (13, 0): "580.65.06", (13, 1): "590.44.01", (13, 2): "595.45.04",
 }
 CUDA_INSTALL_HINT = (
     "install the CUDA toolkit (NVIDIA's cuda-toolkit-12-8 or newer package, which puts nvcc in "

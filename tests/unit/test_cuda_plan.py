@@ -130,7 +130,10 @@ def test_the_table_is_only_a_fallback(caplog):
 def test_driver_table():
     assert min_driver((12, 8)) == "570.26" and min_driver((13, 0)) == "580.65.06"
     assert min_driver((12, 7)) == MIN_DRIVER[(12, 6)]  # no 12.7 release: the floor below
-    assert min_driver((13, 5)) == MIN_DRIVER[(13, 0)]
+    assert min_driver((13, 5)) == MIN_DRIVER[(13, 2)]  # newer than the table: its major's last
+    # rows checked against NVIDIA's table (CUDA 13.2 Update 2 release notes, Table 3)
+    assert (min_driver((11, 7)), min_driver((13, 1)), min_driver((13, 2))) == \
+        ("515.43.04", "590.44.01", "595.45.04")
     assert min_driver((10, 2)) is None
     assert driver_too_old("570.172.08", (13, 0)) == "580.65.06"
     assert driver_too_old("580.65.06", (13, 0)) is None
