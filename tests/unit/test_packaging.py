@@ -60,7 +60,7 @@ def test_installed_package_carries_every_rig_script_and_nothing_points_outside(i
              "    assert p.startswith(root) and os.access(p, os.R_OK), p\n"
              "print(len(layout.RIG_SCRIPTS))")
     out = run([str(venv / "bin" / "python"), "-c", probe], cwd="/")
-    assert out.stdout.strip() == "3"
+    assert out.stdout.strip() == "4"
     package = Path(run([str(venv / "bin" / "python"), "-c",
                         "import llm_garage, os; print(os.path.dirname(llm_garage.__file__))"],
                        cwd="/").stdout.strip())
