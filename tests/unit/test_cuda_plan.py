@@ -286,3 +286,16 @@ def test_cuda_toolkit_setting_values():
     _, errors = load_rig("g", {"engines": {"e": {"kind": "llama.cpp", "ref": "b1",
                                                  "cuda_toolkit": "latest", "cuda": False}}})
     assert len(errors) == 1 and "engines.e.cuda_toolkit" in str(errors[0])
+
+
+def test_check_says_which_toolkit_each_engine_builds_with():
+    from llm_garage.cli import plan_lines
+    lines = "\n".join(plan_lines(rig_for({"ref": "b8137", "cuda_toolkit": "13.0"},
+                                          cuda_wheel_index="http://10.0.0.1/simple")))
+    assert ("    CUDA 13.0 (nvcc 13.0.88): installed from 6 NVIDIA wheels on "
+            "http://10.0.0.1/simple into /opt/llm-garage/cuda/13.0") in lines
+    lines = "\n".join(plan_lines(rig_for({"ref": "b8137"})))
+    assert "    CUDA: the rig's nvcc (PATH, else /usr/local/cuda/bin/nvcc)" in lines
+    lines = "\n".join(plan_lines(rig_for({"ref": "b8137", "cuda_toolkit": "12.4"})))
+    assert "CUDA 12.4: no pinned wheels for it (the deploy refuses it; pinned: 13.0)" in lines
+    assert "    CUDA" not in "\n".join(plan_lines(rig_for({"ref": "b8137", "cuda": False})))
