@@ -471,13 +471,11 @@ def _cuda_install(rig: Rig, engine: Engine, get_fact: GetFact, problem) -> CudaI
                        index=rig.data.cuda_wheel_index, wheels=wheels)
 
 
-def _pinned_toolkit(install: CudaInstall, get_fact: GetFact) -> dict:
+def _pinned_toolkit(install: CudaInstall, get_fact: GetFact) -> dict | None:
     """The installed toolkit's own answers once its stamp says it is complete; before that
     (this run installs it), what the wheel set is known to answer."""
     if get_fact(CudaToolkitStamp, path=install.stamp_path) == install.stamp:
-        found = get_fact(CudaToolkitAt, nvcc=install.nvcc)
-        if found:
-            return found
+        return get_fact(CudaToolkitAt, nvcc=install.nvcc)  # None: stamped, yet no nvcc
     return install.expected_toolkit()
 
 
@@ -513,6 +511,10 @@ def plan(rig: Rig, get_fact: GetFact) -> list[BuildPlan]:
                 if install and install.pin not in toolkits:
                     toolkits[install.pin] = _pinned_toolkit(install, get_fact)
                 toolkit = toolkits.get(install.pin) if install else None
+                if install and toolkit is None:
+                    problem(f"{install.toolkit_dir} is stamped as installed, but has no "
+                            f"working {install.nvcc}", f"delete {install.toolkit_dir} on the "
+                            "rig so that the next run installs it again")
             arches = _architectures(engine, get_fact, problem)
             if toolkit:
                 if driver is None:

@@ -270,6 +270,14 @@ def test_a_pinned_toolkit_is_checked_like_any_other():
         f"{PINNED_DIR} on the rig so that the next run installs it again." in text
 
 
+def test_a_stamped_toolkit_without_its_nvcc_is_refused():
+    stamp = CudaInstall("13.0", PINNED_DIR, "", CUDA_WHEELS["13.0"]).stamp
+    text = problems_for({"ref": "b8137", "cuda_toolkit": "13.0"},
+                        pinned_facts(CudaToolkitStamp=stamp, CudaToolkitAt=None))
+    assert f"{PINNED_DIR} is stamped as installed, but has no working {PINNED_DIR}/bin/nvcc. " \
+        f"Fix: delete {PINNED_DIR} on the rig so that the next run installs it again." in text
+
+
 def test_the_wheel_sets_architectures_are_what_its_nvcc_lists(real_toolkit):
     wheels = CUDA_WHEELS["13.0"]
     if real_toolkit["release"] != wheels.release:
