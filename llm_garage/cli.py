@@ -55,6 +55,8 @@ def plan_lines(rig: Rig, locked: Lock | None = None) -> list[str]:
         if e.cuda and arches is None:
             flags["CMAKE_CUDA_ARCHITECTURES"] = "<auto: from nvidia-smi compute_cap>"
         out.append("    cmake " + " ".join(f"-D{k}={v}" for k, v in flags.items()))
+        if e.cuda:
+            out.append("    " + cuda_line(rig, e.cuda_toolkit))
         out.append(f"    builds in {rig.layout.engine_builds_dir(name)}/<commit>-<flags>, "
                    f"-j {e.build_jobs}, keeps {e.keep_builds}")
     for name, m in sorted(rig.models.items()):
@@ -72,6 +74,19 @@ def plan_lines(rig: Rig, locked: Lock | None = None) -> list[str]:
         out.append(f"  opencode.json: {d.opencode_config_path} (providers "
                    f"{d.opencode_provider}-<rig>-<port>, one per served endpoint)")
     return out
+
+
+def cuda_line(rig: Rig, pin: str) -> str:
+    """Which CUDA toolkit an engine builds with, as the deploy will find or install it."""
+    from .plans.engines import CUDA_WHEELS
+    if pin == "system":
+        return "CUDA: the rig's nvcc (PATH, else /usr/local/cuda/bin/nvcc)"
+    wheels = CUDA_WHEELS.get(pin)
+    if wheels is None:
+        return (f"CUDA {pin}: no pinned wheels for it (the deploy refuses it; pinned: "
+                f"{', '.join(sorted(CUDA_WHEELS))})")
+    return (f"CUDA {pin} (nvcc {wheels.release}): installed from {len(wheels.wheels)} NVIDIA "
+            f"wheels on {rig.data.cuda_wheel_index} into {rig.layout.cuda_toolkit_dir(pin)}")
 
 
 def pinned_as_asked(name: str, model, locked: Lock | None) -> bool:

@@ -17,7 +17,8 @@ GPU_POWER_UNIT = "llm-garage-gpu-power.service"
 SERVER_UNIT_GLOB = "llama-server-*.service"
 # The scripts our operations run on the rig, shipped in the package's files/ folder and
 # installed into `bin_dir` by one loop (tasks/base.py).
-RIG_SCRIPTS = ("garage-build", "garage-fetch", "garage-server-check", "garage-bench")
+RIG_SCRIPTS = ("garage-bench", "garage-build", "garage-cuda", "garage-fetch",
+               "garage-server-check")
 PACKAGE_FILES = Path(__file__).resolve().parent / "files"
 
 
@@ -113,6 +114,22 @@ class Layout:
     @property
     def ccache_dir(self) -> str:
         return f"{self.garage_root}/ccache"
+
+    @property
+    def cuda_dir(self) -> str:
+        """The CUDA toolkits llm-garage installs (`cuda_toolkit: "13.0"`), one folder each."""
+        return f"{self.garage_root}/cuda"
+
+    def cuda_toolkit_dir(self, release: str) -> str:
+        """One installed toolkit: `bin/nvcc`, `include`, `lib64` (links into the unpacked
+        wheels) and its `stamp`, written last. Never deleted: builds link against it."""
+        return f"{self.cuda_dir}/{release}"
+
+    def cuda_nvcc(self, release: str) -> str:
+        return f"{self.cuda_toolkit_dir(release)}/bin/nvcc"
+
+    def cuda_stamp(self, release: str) -> str:
+        return f"{self.cuda_toolkit_dir(release)}/stamp"
 
     @property
     def state_dir(self) -> str:

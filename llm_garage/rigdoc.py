@@ -99,6 +99,12 @@ def collect(rig: Rig, report: Mapping[str, Any], engines: Mapping[str, Any],
             "configure": configure_argv(plan), "by_hand_configure": configure_argv(plan, False),
             "targets": list(plan.targets), "jobs": plan.jobs,
             "architectures": list(plan.architectures), "nvcc": plan.nvcc,
+            "cuda_toolkit": plan.cuda_toolkit,
+            "cuda_install": {
+                "dir": plan.cuda_install.toolkit_dir, "index": plan.cuda_install.index,
+                "wheels": [f"{w.file} sha256:{w.sha256}"
+                           for w in plan.cuda_install.wheels.wheels],
+            } if plan.cuda_install else None,
             "stamp": stamps.get(plan.key),
             "kept": [{"key": k, "version": stamps[k].get("version"),
                       "finished": stamps[k].get("finished")} for k in kept],
@@ -263,7 +269,13 @@ def _engines(data) -> list[str]:
         else:
             out.append("- not built on the rig (no stamp)")
         if e["nvcc"]:
-            out.append(f"- CUDA compiler: `{e['nvcc']}`")
+            toolkit = f" (CUDA {e['cuda_toolkit']})" if e.get("cuda_toolkit") else ""
+            out.append(f"- CUDA compiler: `{e['nvcc']}`{toolkit}")
+        if e.get("cuda_install"):
+            i = e["cuda_install"]
+            out.append(f"- CUDA toolkit installed by llm-garage into `{i['dir']}` from NVIDIA's "
+                       f"wheels on `{i['index']}` (its `stamp` lists them):")
+            out += [f"  - `{w}`" for w in i["wheels"]]
         out += ["- configure (as garage-build runs it):", "", "  ```sh",
                 "  " + shlex.join(e["configure"]), "  ```",
                 "- builds kept for rollback (newest first):"]

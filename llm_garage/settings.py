@@ -45,6 +45,7 @@ UPSTREAM_REMOTES = {
     IK_LLAMA_CPP: "https://github.com/ikawrakow/ik_llama.cpp.git",
 }
 DEFAULT_HF_ENDPOINT = "https://huggingface.co"
+DEFAULT_CUDA_WHEEL_INDEX = "https://pypi.org/simple"
 SHA_RE = re.compile(r"[0-9a-f]{40}")
 NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
 # CMake variable names: mostly upper case, but find modules' cache variables are not
@@ -163,8 +164,9 @@ class Engine:
                                   check=is_bool)
     cuda_toolkit: str = setting(
         "system", doc="CUDA toolkit to build with: 'system' = nvcc in PATH, else "
-                      "/usr/local/cuda/bin/nvcc; or a release such as '13.0' that this nvcc must "
-                      "be (checked, not installed); its full version is part of the build key",
+                      "/usr/local/cuda/bin/nvcc; or a release such as '13.0', installed on "
+                      "the rig from NVIDIA's PyPI wheels (cuda_wheel_index) into "
+                      "<garage_root>/cuda/<release>; its full version is part of the build key",
         type="'system' | str",
         check=either(one_of("system"), is_str(r"[0-9]+\.[0-9]+", "a release such as 13.0"),
                      accepts="'system' or a CUDA release such as '13.0'"))
@@ -485,6 +487,12 @@ class RigData:
                                                 "downloads; empty = $HF_ENDPOINT, else "
                                                 "https://huggingface.co", type="str",
                                       check=optional(is_str(r"https?://[^\s]+", "an http(s) URL")))
+    cuda_wheel_index: str = setting(DEFAULT_CUDA_WHEEL_INDEX,
+                                    doc="package index (PEP 503 'simple' URL) that a pinned "
+                                        "cuda_toolkit's wheels are downloaded from, on the rig; "
+                                        "each wheel's sha256 is pinned by llm-garage",
+                                    type="str", check=is_str(r"https?://[^\s]+",
+                                                             "an http(s) URL"))
     models_lock: str | None = setting(None, doc="the lock file pinning every model to a commit "
                                                 "and exact files (written by `llm-garage lock`; "
                                                 "deploys then never ask Hugging Face); every "

@@ -28,11 +28,8 @@ def converge(rig: Rig) -> tuple[dict[str, BuildPlan], dict[str, list[OperationMe
     per engine, the operations whose change means a build changed this run."""
     if not rig.engines:
         return {}, {}
-    plans = engine_plan.plan(rig, host.get_fact)
+    plans = prepare(rig)
     layout = rig.layout
-    install_packages("Install build tools", BUILD_PACKAGES)
-    for path in layout.engine_dirs:
-        files.directory(name=f"Ensure {path}", path=path, user="root", group="root", mode="755")
     built: dict[str, list[OperationMeta]] = {}
     for plan in plans:
         if plan.records_tag:
@@ -43,6 +40,22 @@ def converge(rig: Rig) -> tuple[dict[str, BuildPlan], dict[str, list[OperationMe
         ops.prune(name=f"Prune old {plan.engine} builds", builds_dir=plan.builds_dir,
                   keep=plan.keep_builds, wanted=plan.key)
     return {plan.engine: plan for plan in plans}, built
+
+
+def prepare(rig: Rig) -> list[BuildPlan]:
+    """The plan (every check made), then what every build needs: the build tools, the
+    folders and each pinned CUDA toolkit, installed once for all the engines using it."""
+    plans = engine_plan.plan(rig, host.get_fact)
+    layout = rig.layout
+    install_packages("Install build tools", BUILD_PACKAGES)
+    for path in layout.engine_dirs:
+        files.directory(name=f"Ensure {path}", path=path, user="root", group="root", mode="755")
+    installs = {plan.cuda_install.pin: plan.cuda_install for plan in plans if plan.cuda_install}
+    for pin, install in sorted(installs.items()):
+        ops.cuda_toolkit(name=f"Install CUDA {pin} ({install.wheels.release}) into "
+                              f"{install.toolkit_dir}", install=install,
+                         script=layout.script("garage-cuda"))
+    return plans
 
 
 @deploy("Engines proven")

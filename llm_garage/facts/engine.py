@@ -7,6 +7,7 @@ missing tool or an unreachable remote becomes a clear error of ours instead of a
 from __future__ import annotations
 
 import re
+import shlex
 
 from pyinfra.api import FactBase, QuoteString, StringCommand
 
@@ -110,22 +111,10 @@ def parse_gpu_arch_list(lines: list[str]) -> list[str]:
                                                                    line.strip()))]
 
 
-class CudaToolkit(FactBase):
-    """The CUDA compiler and what it can do, for the first of `nvcc` in PATH and
-    /usr/local/cuda/bin/nvcc; `None` when there is none. Otherwise:
-
-    - `nvcc`: its path; `root`: the toolkit folder (the parent of the bin/ folder that
-      `nvcc --dryrun` names, else of the resolved nvcc's);
-    - `version`: (major, minor) | None and `release`: the full version ("13.0.88") | None,
-      from `nvcc --version`;
-    - `arches`: the architectures `nvcc --list-gpu-arch` lists (["75", "80", "86", ...]), or
-      None when it cannot say (an nvcc older than 11.0, or one that fails);
-    - `cublas`: the cuBLAS files found where toolkits keep their libraries: NVIDIA's packages
-      (lib64, targets/<triple>/lib), the PyPI wheels (lib), Debian's nvidia-cuda-toolkit (the
-      multiarch folder)."""
-
-    command = (
-        'n=""; for c in "$(command -v nvcc 2>/dev/null)" /usr/local/cuda/bin/nvcc; do '
+def _toolkit_script(candidates: str) -> str:
+    """CudaToolkit's command: the first executable nvcc of `candidates` (shell words)."""
+    return (
+        f'n=""; for c in {candidates}; do '
         'if [ -n "$c" ] && [ -x "$c" ]; then n=$c; break; fi; done; '
         '[ -n "$n" ] || exit 0; '
         # nvcc may be a wrapper script: its own dry run names the folder it lives in, as
@@ -140,6 +129,23 @@ class CudaToolkit(FactBase):
         '/usr/lib/*-linux-gnu; do for f in "$d"/libcublas.so "$d"/libcublas.so.*; do '
         '[ -e "$f" ] && echo "$f"; done; done; true'
     )
+
+
+class CudaToolkit(FactBase):
+    """The CUDA compiler and what it can do, for the first of `nvcc` in PATH and
+    /usr/local/cuda/bin/nvcc; `None` when there is none. Otherwise:
+
+    - `nvcc`: its path; `root`: the toolkit folder (the parent of the bin/ folder that
+      `nvcc --dryrun` names, else of the resolved nvcc's);
+    - `version`: (major, minor) | None and `release`: the full version ("13.0.88") | None,
+      from `nvcc --version`;
+    - `arches`: the architectures `nvcc --list-gpu-arch` lists (["75", "80", "86", ...]), or
+      None when it cannot say (an nvcc older than 11.0, or one that fails);
+    - `cublas`: the cuBLAS files found where toolkits keep their libraries: NVIDIA's packages
+      (lib64, targets/<triple>/lib), the PyPI wheels (lib), Debian's nvidia-cuda-toolkit (the
+      multiarch folder)."""
+
+    command = _toolkit_script('"$(command -v nvcc 2>/dev/null)" /usr/local/cuda/bin/nvcc')
 
     def process(self, output):
         lines = [line.rstrip("\n") for line in output]
@@ -166,6 +172,25 @@ def _sections(lines: list[str], markers: tuple[str, ...]) -> list[list[str]]:
         else:
             out[-1].append(line)
     return out + [[] for _ in pending]
+
+
+class CudaToolkitAt(CudaToolkit):
+    """CudaToolkit's answer for one nvcc (a toolkit llm-garage installed), None without it."""
+
+    def command(self, nvcc: str):
+        return _toolkit_script(shlex.quote(nvcc))
+
+
+class CudaToolkitStamp(FactBase):
+    """The first line of an installed toolkit's stamp (`<toolkit_dir>/stamp`, written last
+    by garage-cuda), or None while it is not installed."""
+
+    def command(self, path: str):
+        return StringCommand("head", "-n1", QuoteString(path), "2>/dev/null", "||", "true")
+
+    def process(self, output):
+        line = output[0].strip() if output else ""
+        return line or None
 
 
 # --- builds on disk --------------------------------------------------------------------------

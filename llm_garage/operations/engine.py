@@ -1,9 +1,10 @@
-"""Operations on engine builds: build one commit into its own folder, switch the `current`
-link, prune old builds, record the commit a tag resolved to.
+"""Operations on engine builds: install a pinned CUDA toolkit, build one commit into its own
+folder, switch the `current` link, prune old builds, record the commit a tag resolved to.
 
 Facts decide: the build runs only when its folder has no stamp for this commit and these
-flags (the stamp is written last, so a failed build is retried on the next run); the switch
-only when `current` points elsewhere; pruning only when more builds are kept than asked."""
+flags (the stamp is written last, so a failed build is retried on the next run); a toolkit's
+install only when its folder's stamp does not name its release and wheels; the switch only
+when `current` points elsewhere; pruning only when more builds are kept than asked."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ from pyinfra import host, logger
 from pyinfra.api import FunctionCommand, QuoteString, StringCommand, operation
 from pyinfra.api.exceptions import OperationError
 
-from llm_garage.facts.engine import EngineBuilds, PinRecords, pin_record_line
-from llm_garage.plans.engines import BuildPlan
+from llm_garage.facts.engine import CudaToolkitStamp, EngineBuilds, PinRecords, pin_record_line
+from llm_garage.plans.engines import BuildPlan, CudaInstall
 from llm_garage.progress import streamed
 
 
@@ -43,6 +44,45 @@ def build_command(plan: BuildPlan, script: str) -> StringCommand:
     bits.append("--")
     bits.extend(QuoteString(arg) for arg in plan.cmake_args)
     return StringCommand(*bits)
+
+
+def cuda_command(install: CudaInstall, script: str) -> StringCommand:
+    """The rig-side toolkit installer's command line for this toolkit."""
+    bits: list = [QuoteString(script)]
+    for flag, value in (("--dir", install.toolkit_dir), ("--index", install.index),
+                        ("--folder", install.wheels.folder),
+                        ("--release", install.wheels.release), ("--stamp", install.stamp)):
+        bits.extend([flag, QuoteString(value)])
+    for wheel in install.wheels.wheels:
+        bits.extend(["--wheel", QuoteString(wheel.project), QuoteString(wheel.file),
+                     QuoteString(wheel.sha256)])
+    return StringCommand(*bits)
+
+
+@operation()
+def cuda_toolkit(install: CudaInstall, script: str):
+    """
+    Install a pinned CUDA toolkit from NVIDIA's wheels into its own folder.
+
+    + install: the toolkit (``CudaInstall``: folder, wheels with their sha256, index)
+    + script: path of the rig-side installer (``garage-cuda``)
+
+    Runs only when the folder's stamp does not name this release and these wheels. The
+    script downloads each wheel from the index, checks its sha256, unpacks and links the
+    toolkit in a temporary folder, checks ``nvcc --version``, writes the stamp last and
+    renames the folder into place.
+
+    **Example:**
+
+    .. code:: python
+
+        engine.cuda_toolkit(name="Install CUDA 13.0", install=plan.cuda_install,
+                            script="/opt/llm-garage/bin/garage-cuda")
+    """
+    if host.get_fact(CudaToolkitStamp, path=install.stamp_path) == install.stamp:
+        host.noop(f"CUDA {install.wheels.release} is already installed in {install.toolkit_dir}")
+        return
+    yield cuda_command(install, script)
 
 
 def parse_stamp(lines: list[str]) -> dict[str, str]:

@@ -9,6 +9,7 @@ fix, raised before any operation runs."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import re
 import subprocess
@@ -17,8 +18,16 @@ from typing import Any
 
 from pyinfra import logger
 from pyinfra.facts.hardware import Cpus
+from pyinfra.facts.server import Arch
 
-from llm_garage.facts.engine import CudaToolkit, GitRemoteRefs, PinRecords, parse_ls_remote
+from llm_garage.facts.engine import (
+    CudaToolkit,
+    CudaToolkitAt,
+    CudaToolkitStamp,
+    GitRemoteRefs,
+    PinRecords,
+    parse_ls_remote,
+)
 from llm_garage.facts.gpu import GpuComputeCaps, NvidiaDriver
 from llm_garage.refusal import Refusal
 from llm_garage.settings import Engine, Rig, flags_hash
@@ -32,18 +41,114 @@ MIN_CUDA = {
     "103": (12, 9), "121": (12, 9),
 }
 # Oldest Linux x86_64 driver each CUDA release needs: the "Toolkit Driver Version" of the
-# release's GA in NVIDIA's CUDA Toolkit Release Notes, table "CUDA Toolkit and Corresponding
-# Driver Versions" (https://docs.nvidia.com/cuda/cuda-toolkit-release-notes/, and the archived
-# notes of each release under https://docs.nvidia.com/cuda/archive/). A release newer than the
-# table is held to the newest entry of its major (a floor, not a guess above it); releases
-# older than the table are not checked.
+# release's GA, from NVIDIA's CUDA Toolkit Release Notes, Table 3 "CUDA Toolkit and
+# Corresponding Driver Versions" (https://docs.nvidia.com/cuda/cuda-toolkit-release-notes/,
+# read in the CUDA 13.2 Update 2 notes; each release's own notes are archived under
+# https://docs.nvidia.com/cuda/archive/). An update release may list a newer driver (13.0
+# Update 1: 580.82.07); the GA's is the floor a release's minor-version compatibility keeps.
+# A release newer than the table is held to the newest entry of its major (a floor, not a
+# guess above it); releases older than the table are not checked.
 MIN_DRIVER = {
+    (11, 0): "450.51.05", (11, 1): "455.23", (11, 2): "460.27.03", (11, 3): "465.19.01",
+    (11, 4): "470.42.01", (11, 5): "495.29.05", (11, 6): "510.39.01", (11, 7): "515.43.04",
     (11, 8): "520.61.05",
     (12, 0): "525.60.13", (12, 1): "530.30.02", (12, 2): "535.54.03", (12, 3): "545.23.06",
     (12, 4): "550.54.14", (12, 5): "555.42.02", (12, 6): "560.28.03", (12, 8): "570.26",
     (12, 9): "575.51.03",
-    (13, 0): "580.65.06",
+    (13, 0): "580.65.06", (13, 1): "590.44.01", (13, 2): "595.45.04",
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class Wheel:
+    """One of NVIDIA's PyPI wheels, pinned by file name and sha256 (Linux x86_64)."""
+
+    project: str  # the index's project name, e.g. nvidia-cuda-nvcc
+    file: str
+    sha256: str
+
+
+@dataclasses.dataclass(frozen=True)
+class CudaWheels:
+    """A CUDA release as NVIDIA's PyPI wheels make it: what its nvcc reports and lists, and
+    the folder the wheels unpack into (bin/, include/, lib/, nvvm/)."""
+
+    release: str  # the full version `nvcc --version` reports
+    folder: str  # inside the unpacked wheels
+    wheels: tuple[Wheel, ...]
+    arches: tuple[str, ...]  # what its `nvcc --list-gpu-arch` lists
+
+    @property
+    def digest(self) -> str:
+        """Names the exact set of wheels: the stamp's first line carries it."""
+        text = "\n".join(f"{w.file} {w.sha256}" for w in self.wheels)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    @property
+    def version(self) -> tuple[int, int]:
+        major, minor = self.release.split(".")[:2]
+        return int(major), int(minor)
+
+
+def _wheel(project: str, version: str, platform: str, sha256: str) -> Wheel:
+    return Wheel(project, f"{project.replace('-', '_')}-{version}-py3-none-{platform}.whl",
+                 sha256)
+
+
+# `cuda_toolkit: "13.0"` installs this set: CUDA 13.0 Update 1 (nvcc 13.0.88) with cuBLAS
+# 13.0 Update 2, the compiler, its headers and runtime (the wheels PyPI serves for them).
+CUDA_WHEELS = {
+    "13.0": CudaWheels(
+        release="13.0.88", folder="nvidia/cu13",
+        arches=("75", "80", "86", "87", "88", "89", "90", "100", "110", "103", "120", "121"),
+        wheels=(
+            _wheel("nvidia-cuda-nvcc", "13.0.88", "manylinux2014_x86_64.manylinux_2_17_x86_64",
+                   "56fe502eb77625a12f25172caa3cdddb4e4c8ba2c8c17dba44b164761b380f03"),
+            _wheel("nvidia-cuda-crt", "13.0.88", "manylinux2014_x86_64.manylinux_2_17_x86_64",
+                   "2c8043c7c9e02492716426e9919fc78d2c5b3b2a7a768a88e952676b08aa55a4"),
+            _wheel("nvidia-nvvm", "13.0.88", "manylinux2010_x86_64.manylinux_2_12_x86_64",
+                   "c5f41ffeb6466944a026dfa5317d7d85355c119bbec279205d22f1869d1054e0"),
+            _wheel("nvidia-cuda-runtime", "13.0.96",
+                   "manylinux2014_x86_64.manylinux_2_17_x86_64",
+                   "7f82250d7782aa23b6cfe765ecc7db554bd3c2870c43f3d1821f1d18aebf0548"),
+            _wheel("nvidia-cublas", "13.0.2.14", "manylinux_2_27_x86_64",
+                   "0cf238ffdbe46c00cb9aa98e7bca745c223a5ca5a53e686ac8b3e5a08fe80d6c"),
+            _wheel("nvidia-cuda-cccl", "13.0.85", "manylinux2014_x86_64.manylinux_2_17_x86_64",
+                   "e0da7ad981f3a8aff08241b5bfc1af868742a63e2762f53a5171c492ef242649"),
+        )),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class CudaInstall:
+    """A pinned toolkit to install on the rig before its builds (garage-cuda)."""
+
+    pin: str  # the setting: "13.0"
+    toolkit_dir: str
+    index: str  # the cuda_wheel_index setting
+    wheels: CudaWheels
+
+    @property
+    def nvcc(self) -> str:
+        return f"{self.toolkit_dir}/bin/nvcc"
+
+    @property
+    def stamp_path(self) -> str:
+        return f"{self.toolkit_dir}/stamp"
+
+    @property
+    def stamp(self) -> str:
+        """First line of the stamp: the full version and the exact wheels."""
+        return f"cuda {self.wheels.release} {self.wheels.digest}"
+
+    def expected_toolkit(self) -> dict:
+        """What CudaToolkitAt will answer once installed, for planning before the install."""
+        root = self.toolkit_dir  # nvcc's dry run names the bin/ link it was called through
+        return {"nvcc": self.nvcc, "root": root, "version": self.wheels.version,
+                "release": self.wheels.release, "arches": list(self.wheels.arches),
+                "cublas": [f"{root}/lib64/libcublas.so"]}
+
+
 CUDA_INSTALL_HINT = (
     "install the CUDA toolkit (NVIDIA's cuda-toolkit-12-8 or newer package, which puts nvcc in "
     "/usr/local/cuda/bin; or Debian's nvidia-cuda-toolkit)"
@@ -152,6 +257,7 @@ class BuildPlan:
     ccache_base: str  # ccache base_dir: absolute paths under it are hashed relative
     nvcc: str | None = None
     cuda_toolkit: str | None = None  # the full version nvcc reports, part of flags_hash
+    cuda_install: CudaInstall | None = None  # a pinned toolkit, installed before the build
     targets: tuple[str, ...] = ("llama-server",)
     keep_builds: int = 3  # builds kept on disk for rollback, this one included
     records_tag: bool = False  # a tag pin: record its commit so a moved tag is noticed
@@ -298,9 +404,8 @@ def _check_toolkit(where: str, engine: Engine, toolkit: dict, arches: list[str],
     release = ".".join(str(v) for v in version)
     if engine.cuda_toolkit != "system" and engine.cuda_toolkit != release:
         problem(f"cuda_toolkit is {engine.cuda_toolkit} but {nvcc} is CUDA "
-                f"{_release(toolkit)}", f"install CUDA {engine.cuda_toolkit} on the rig (nvcc in "
-                "PATH or /usr/local/cuda/bin), or set cuda_toolkit to "
-                f"{release!r} or 'system'")
+                f"{_release(toolkit)}", f"delete {os.path.dirname(os.path.dirname(nvcc))} on "
+                "the rig so that the next run installs it again")
     listed = toolkit.get("arches")
     if listed:
         for arch in not_in_arch_list(arches, listed):
@@ -346,12 +451,40 @@ def _check_toolkit(where: str, engine: Engine, toolkit: dict, arches: list[str],
                     "CUDA_cublasLt_LIBRARY)")
 
 
+def _cuda_install(rig: Rig, engine: Engine, get_fact: GetFact, problem) -> CudaInstall | None:
+    """The toolkit a pinned `cuda_toolkit` installs, or None (a problem) when llm-garage has
+    no wheel set for it or the rig is not x86_64."""
+    wheels = CUDA_WHEELS.get(engine.cuda_toolkit)
+    if wheels is None:
+        problem(f"cuda_toolkit {engine.cuda_toolkit!r}: llm-garage installs only "
+                f"{', '.join(sorted(CUDA_WHEELS))} from NVIDIA's wheels",
+                f"pin one of {', '.join(sorted(CUDA_WHEELS))}, or install the toolkit yourself "
+                "and set cuda_toolkit: system")
+        return None
+    machine = get_fact(Arch)
+    if machine and machine != "x86_64":
+        problem(f"cuda_toolkit {engine.cuda_toolkit!r} installs Linux x86_64 wheels, but the rig "
+                f"is {machine}", "install the toolkit yourself and set cuda_toolkit: system")
+        return None
+    return CudaInstall(pin=engine.cuda_toolkit,
+                       toolkit_dir=rig.layout.cuda_toolkit_dir(engine.cuda_toolkit),
+                       index=rig.data.cuda_wheel_index, wheels=wheels)
+
+
+def _pinned_toolkit(install: CudaInstall, get_fact: GetFact) -> dict | None:
+    """The installed toolkit's own answers once its stamp says it is complete; before that
+    (this run installs it), what the wheel set is known to answer."""
+    if get_fact(CudaToolkitStamp, path=install.stamp_path) == install.stamp:
+        return get_fact(CudaToolkitAt, nvcc=install.nvcc)  # None: stamped, yet no nvcc
+    return install.expected_toolkit()
+
+
 def plan(rig: Rig, get_fact: GetFact) -> list[BuildPlan]:
     """One BuildPlan per engine, from facts read on the rig; raises EngineError listing every
     problem of this rig (nothing has run yet when it does)."""
     problems: list[str] = []
     plans = []
-    toolkit: dict | None = None
+    toolkits: dict[str, dict | None] = {}
     driver: dict | None = None
     for name, engine in sorted(rig.engines.items()):
         found = len(problems)
@@ -361,11 +494,27 @@ def plan(rig: Rig, get_fact: GetFact) -> list[BuildPlan]:
 
         commit = _resolve_commit(rig, engine, get_fact, problem)
         arches: list[str] | None = None
+        toolkit: dict | None = None
+        install: CudaInstall | None = None
         if engine.cuda:
-            toolkit = toolkit or get_fact(CudaToolkit)
-            if toolkit is None:
-                problem("GGML_CUDA=ON needs nvcc, found neither in PATH nor in "
-                        "/usr/local/cuda/bin", f"{CUDA_INSTALL_HINT}, or set cuda: false")
+            if engine.cuda_toolkit == "system":
+                if "system" not in toolkits:
+                    toolkits["system"] = get_fact(CudaToolkit)
+                toolkit = toolkits["system"]
+                if toolkit is None:
+                    newest = max(CUDA_WHEELS, key=_version_tuple)
+                    problem("GGML_CUDA=ON needs nvcc, found neither in PATH nor in "
+                            "/usr/local/cuda/bin", f"{CUDA_INSTALL_HINT}, or pin cuda_toolkit: "
+                            f"'{newest}' to have llm-garage install it, or set cuda: false")
+            else:
+                install = _cuda_install(rig, engine, get_fact, problem)
+                if install and install.pin not in toolkits:
+                    toolkits[install.pin] = _pinned_toolkit(install, get_fact)
+                toolkit = toolkits.get(install.pin) if install else None
+                if install and toolkit is None:
+                    problem(f"{install.toolkit_dir} is stamped as installed, but has no "
+                            f"working {install.nvcc}", f"delete {install.toolkit_dir} on the "
+                            "rig so that the next run installs it again")
             arches = _architectures(engine, get_fact, problem)
             if toolkit:
                 if driver is None:
@@ -388,6 +537,7 @@ def plan(rig: Rig, get_fact: GetFact) -> list[BuildPlan]:
             architectures=tuple(arches or ()), jobs=int(jobs), ccache_dir=rig.layout.ccache_dir,
             ccache_base=rig.data.garage_root,
             nvcc=toolkit["nvcc"] if engine.cuda and toolkit else None, cuda_toolkit=release,
+            cuda_install=install,
             targets=targets, keep_builds=engine.keep_builds,
             records_tag=engine.ref != commit and not engine.follow,
         ))

@@ -10,7 +10,13 @@ import subprocess
 import pytest
 
 from llm_garage.facts.engine import CudaToolkit
-from llm_garage.plans.engines import MIN_DRIVER, driver_too_old, min_driver
+from llm_garage.plans.engines import (
+    CUDA_WHEELS,
+    MIN_DRIVER,
+    CudaInstall,
+    driver_too_old,
+    min_driver,
+)
 from llm_garage.plans.engines import plan as plan_builds
 from llm_garage.settings import flags_hash
 from tests.unit.test_engine import SHA_B, Facts, problems_for, refs, rig_for, toolkit_12_8
@@ -130,7 +136,10 @@ def test_the_table_is_only_a_fallback(caplog):
 def test_driver_table():
     assert min_driver((12, 8)) == "570.26" and min_driver((13, 0)) == "580.65.06"
     assert min_driver((12, 7)) == MIN_DRIVER[(12, 6)]  # no 12.7 release: the floor below
-    assert min_driver((13, 5)) == MIN_DRIVER[(13, 0)]
+    assert min_driver((13, 5)) == MIN_DRIVER[(13, 2)]  # newer than the table: its major's last
+    # rows checked against NVIDIA's table (CUDA 13.2 Update 2 release notes, Table 3)
+    assert (min_driver((11, 7)), min_driver((13, 1)), min_driver((13, 2))) == \
+        ("515.43.04", "590.44.01", "595.45.04")
     assert min_driver((10, 2)) is None
     assert driver_too_old("570.172.08", (13, 0)) == "580.65.06"
     assert driver_too_old("580.65.06", (13, 0)) is None
@@ -184,16 +193,96 @@ def test_cublas_without_the_unversioned_link_is_refused_and_cmake_extra_may_name
 
 # --- cuda_toolkit ----------------------------------------------------------------------------
 
-def test_a_pinned_release_must_be_the_rigs(real_toolkit):
-    release = ".".join(map(str, real_toolkit["version"]))
-    facts = real_facts(real_toolkit)
-    extra = {"cuda_architectures": [86],
-             "cmake_extra": {"CUDA_cublas_LIBRARY": "/x/libcublas.so"}}
-    assert plan_one({"cuda_toolkit": release, **extra}, facts).cuda_toolkit == \
-        real_toolkit["release"]
-    text = problems_for({"ref": "b8137", "cuda_toolkit": "11.8", **extra}, facts)
-    assert f"cuda_toolkit is 11.8 but {real_toolkit['nvcc']} is CUDA " \
-           f"{real_toolkit['release']}. Fix: install CUDA 11.8 on the rig" in text
+PINNED_DIR = "/opt/llm-garage/cuda/13.0"
+
+
+def installed_13_0(**changes):
+    """CudaToolkitAt's answer for an installed 13.0 (what the real one says: see below)."""
+    root = PINNED_DIR
+    return {"nvcc": f"{PINNED_DIR}/bin/nvcc", "root": root, "version": (13, 0),
+            "release": "13.0.88", "arches": list(CUDA_WHEELS["13.0"].arches),
+            "cublas": [f"{root}/lib64/libcublas.so"], **changes}
+
+
+def pinned_facts(**table) -> Facts:
+    return Facts(**{"GitRemoteRefs": TAG, "CudaToolkit": None,
+                    "NvidiaDriver": {"version": "580.95.05", "error": None}, **table})
+
+
+def test_a_pinned_release_is_installed_from_its_wheels_and_planned_before_it_is_there():
+    facts = pinned_facts(CudaToolkitStamp=None)
+    plan = plan_one({"cuda_toolkit": "13.0"}, facts)
+    install = plan.cuda_install
+    assert install.toolkit_dir == PINNED_DIR and install.index == "https://pypi.org/simple"
+    assert install.wheels is CUDA_WHEELS["13.0"]
+    assert plan.nvcc == f"{PINNED_DIR}/bin/nvcc" and plan.cuda_toolkit == "13.0.88"
+    asked = [name for name, _ in facts.asked]
+    assert "CudaToolkit" not in asked  # the rig's own nvcc (none here) does not matter
+    assert ("CudaToolkitStamp", {"path": f"{PINNED_DIR}/stamp"}) in facts.asked
+    assert "CudaToolkitAt" not in asked  # not installed yet: the wheel set's known answers
+    # Once installed, the toolkit's own answers; the key is the same, so nothing rebuilds.
+    facts = pinned_facts(CudaToolkitStamp=install.stamp, CudaToolkitAt=installed_13_0())
+    again = plan_one({"cuda_toolkit": "13.0"}, facts, cuda_wheel_index="http://10.0.0.1/simple")
+    assert ("CudaToolkitAt", {"nvcc": f"{PINNED_DIR}/bin/nvcc"}) in facts.asked
+    assert again.key == plan.key and again.cuda_install.index == "http://10.0.0.1/simple"
+
+
+def test_a_stamp_of_other_wheels_installs_again_and_asks_nothing_of_the_old_folder():
+    facts = pinned_facts(CudaToolkitStamp="cuda 13.0.48 0123456789abcdef",
+                         CudaToolkitAt=installed_13_0(release="13.0.48"))
+    plan = plan_one({"cuda_toolkit": "13.0"}, facts)
+    assert plan.cuda_toolkit == "13.0.88" and plan.cuda_install.stamp != "cuda 13.0.48 " \
+        "0123456789abcdef"
+    assert "CudaToolkitAt" not in [name for name, _ in facts.asked]
+
+
+def test_switching_toolkits_builds_a_new_folder_and_rollback_finds_the_old_one():
+    system = plan_one({}, Facts(GitRemoteRefs=TAG))  # the rig's CUDA 12.8.93
+    pinned = plan_one({"cuda_toolkit": "13.0"}, pinned_facts())
+    back = plan_one({}, Facts(GitRemoteRefs=TAG))
+    assert dict(system.flags) == dict(pinned.flags)
+    assert pinned.key != system.key and back.key == system.key
+    assert system.cuda_install is None and back.nvcc == "/usr/local/cuda/bin/nvcc"
+
+
+def test_a_pin_without_wheels_or_on_another_machine_is_refused():
+    text = problems_for({"ref": "b8137", "cuda_toolkit": "11.8"}, pinned_facts())
+    assert ("cuda_toolkit '11.8': llm-garage installs only 13.0 from NVIDIA's wheels. Fix: pin "
+            "one of 13.0, or install the toolkit yourself and set cuda_toolkit: system.") in text
+    text = problems_for({"ref": "b8137", "cuda_toolkit": "13.0"}, pinned_facts(Arch="aarch64"))
+    assert "installs Linux x86_64 wheels, but the rig is aarch64" in text
+
+
+def test_a_pinned_toolkit_is_checked_like_any_other():
+    # Before the install, with the wheel set's list: CUDA 13 has no 70; its driver minimum.
+    facts = pinned_facts(NvidiaDriver={"version": "570.172.08", "error": None})
+    text = problems_for({"ref": "b8137", "cuda_toolkit": "13.0",
+                         "cuda_architectures": [70, 120]}, facts)
+    assert f"architecture 70 is not in `{PINNED_DIR}/bin/nvcc --list-gpu-arch` (CUDA 13.0: 75," \
+        in text
+    assert "CUDA 13.0 needs NVIDIA driver >= 580.65.06, but the rig's driver is 570.172.08" in text
+    assert "architecture 120" not in text
+    # Installed, but its nvcc reports another release: the folder is not what it claims.
+    facts = pinned_facts(CudaToolkitStamp=CudaInstall("13.0", PINNED_DIR, "", CUDA_WHEELS["13.0"])
+                         .stamp, CudaToolkitAt=installed_13_0(version=(12, 9), release="12.9.86"))
+    text = problems_for({"ref": "b8137", "cuda_toolkit": "13.0"}, facts)
+    assert f"cuda_toolkit is 13.0 but {PINNED_DIR}/bin/nvcc is CUDA 12.9.86. Fix: delete " \
+        f"{PINNED_DIR} on the rig so that the next run installs it again." in text
+
+
+def test_a_stamped_toolkit_without_its_nvcc_is_refused():
+    stamp = CudaInstall("13.0", PINNED_DIR, "", CUDA_WHEELS["13.0"]).stamp
+    text = problems_for({"ref": "b8137", "cuda_toolkit": "13.0"},
+                        pinned_facts(CudaToolkitStamp=stamp, CudaToolkitAt=None))
+    assert f"{PINNED_DIR} is stamped as installed, but has no working {PINNED_DIR}/bin/nvcc. " \
+        f"Fix: delete {PINNED_DIR} on the rig so that the next run installs it again." in text
+
+
+def test_the_wheel_sets_architectures_are_what_its_nvcc_lists(real_toolkit):
+    wheels = CUDA_WHEELS["13.0"]
+    if real_toolkit["release"] != wheels.release:
+        pytest.skip(f"this machine's nvcc is {real_toolkit['release']}, not {wheels.release}")
+    assert real_toolkit["arches"] == list(wheels.arches)
 
 
 def test_cuda_toolkit_setting_values():
@@ -205,3 +294,16 @@ def test_cuda_toolkit_setting_values():
     _, errors = load_rig("g", {"engines": {"e": {"kind": "llama.cpp", "ref": "b1",
                                                  "cuda_toolkit": "latest", "cuda": False}}})
     assert len(errors) == 1 and "engines.e.cuda_toolkit" in str(errors[0])
+
+
+def test_check_says_which_toolkit_each_engine_builds_with():
+    from llm_garage.cli import plan_lines
+    lines = "\n".join(plan_lines(rig_for({"ref": "b8137", "cuda_toolkit": "13.0"},
+                                          cuda_wheel_index="http://10.0.0.1/simple")))
+    assert ("    CUDA 13.0 (nvcc 13.0.88): installed from 6 NVIDIA wheels on "
+            "http://10.0.0.1/simple into /opt/llm-garage/cuda/13.0") in lines
+    lines = "\n".join(plan_lines(rig_for({"ref": "b8137"})))
+    assert "    CUDA: the rig's nvcc (PATH, else /usr/local/cuda/bin/nvcc)" in lines
+    lines = "\n".join(plan_lines(rig_for({"ref": "b8137", "cuda_toolkit": "12.4"})))
+    assert "CUDA 12.4: no pinned wheels for it (the deploy refuses it; pinned: 13.0)" in lines
+    assert "    CUDA" not in "\n".join(plan_lines(rig_for({"ref": "b8137", "cuda": False})))

@@ -207,6 +207,7 @@ class Facts:
 
     def __init__(self, **table):
         self.table = {"Cpus": 16, "PinRecords": {}, "CudaToolkit": toolkit_12_8(),
+                      "Arch": "x86_64", "CudaToolkitStamp": None, "CudaToolkitAt": None,
                       "GpuComputeCaps": {"caps": ["8.6"] * 6, "error": None},
                       "NvidiaDriver": {"version": "570.172.08", "error": None}, **table}
         self.asked: list[tuple[str, dict]] = []

@@ -320,3 +320,24 @@ def test_the_rig_document_shows_the_latest_table_and_a_deploy_keeps_it(tmp_path)
     assert fresh["bench"]["run"] == "run-b"
     assert rigdoc.pending(tmp_path, fresh) == []
     assert rigdoc.set_bench(tmp_path / "none", data["rig"], "r", "p", lines) == []
+
+
+def test_a_pinned_toolkit_names_its_release_folder_index_and_wheels():
+    import dataclasses
+
+    from llm_garage.plans.engines import CUDA_WHEELS, CudaInstall
+    rig = _rig()
+    engines, models = _plans(rig)
+    install = CudaInstall("13.0", "/opt/llm-garage/cuda/13.0", "http://10.0.0.1:3141/simple",
+                          CUDA_WHEELS["13.0"])
+    engines["llama"] = dataclasses.replace(engines["llama"], nvcc=install.nvcc,
+                                           cuda_toolkit="13.0.88", cuda_install=install)
+    text = rigdoc.render(rigdoc.collect(rig, _report(engines["llama"]), engines, models, None))
+    assert "- CUDA compiler: `/opt/llm-garage/cuda/13.0/bin/nvcc` (CUDA 13.0.88)" in text
+    assert ("- CUDA toolkit installed by llm-garage into `/opt/llm-garage/cuda/13.0` from "
+            "NVIDIA's wheels on `http://10.0.0.1:3141/simple` (its `stamp` lists them):") in text
+    for wheel in CUDA_WHEELS["13.0"].wheels:
+        assert f"  - `{wheel.file} sha256:{wheel.sha256}`" in text
+    plain = rigdoc.render(_data())
+    assert "- CUDA compiler: `/usr/local/cuda/bin/nvcc`\n" in plain
+    assert "CUDA toolkit installed by llm-garage" not in plain
