@@ -132,13 +132,16 @@ def test_the_sweep_measures_the_running_server_and_compares_runs(
     assert (inventory.parent / "bench-results" / f"compare-{run_id}-vs-{second}.png").exists()
 
     # Ctrl-C: the run stops on the rig too, the sampler with it; the server keeps serving
+    # 50 repeats of 9 s: far longer than the test waits, however slow this machine is
     proc = subprocess.Popen(
         [sys.executable, "-m", "llm_garage.cli", "bench", str(inventory), "--depths", "2k",
-         "--gen", "400", "--repeat", "5"], cwd=REPO_ROOT, env={**os.environ, **env},
+         "--gen", "400", "--repeat", "50"], cwd=REPO_ROOT, env={**os.environ, **env},
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 180
     while "garage-bench" not in sh(rig, "ps -eo args") and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
         time.sleep(0.2)
+    assert "garage-bench" in sh(rig, "ps -eo args"), "garage-bench never started on the rig"
     time.sleep(2)
     os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
     stdout, stderr = proc.communicate(timeout=60)
