@@ -10,7 +10,9 @@ from gguf import GGUFReader
 
 from lab.standins.gguf_gen import (
     CHATML_TEMPLATE,
+    QWEN35_122B,
     read_metadata,
+    write_header_only_moe,
     write_padded_model,
     write_split_model,
     write_tiny_model,
@@ -94,3 +96,37 @@ def test_fixture_gguf_tool_model_prefers_ending_then_a_tool_call(tmp_path):
     ranked = [tokens[i] for i in np.argsort(-logits)]
     assert ranked[:2] == ["<|im_end|>", "<tool_call>"]
     assert logits[tokens.index("<tool_call>")] - np.sort(logits)[-3] > 15
+
+
+def test_moe_llama_has_routed_experts(tmp_path):
+    path = write_tiny_model(tmp_path / "moe.gguf", n_layers=2, n_embd=64, n_ff=32, n_expert=4)
+    meta = read_metadata(path)
+    assert meta["llama.expert_count"] == 4 and meta["llama.expert_used_count"] == 2
+    names = {t.name: t for t in GGUFReader(path).tensors}
+    assert "blk.0.ffn_up.weight" not in names
+    # ggml order: [n_embd, n_ff, n_expert] and [n_ff, n_embd, n_expert]
+    assert [int(x) for x in names["blk.1.ffn_up_exps.weight"].shape] == [64, 32, 4]
+    assert [int(x) for x in names["blk.1.ffn_down_exps.weight"].shape] == [32, 64, 4]
+    assert [int(x) for x in names["blk.1.ffn_gate_inp.weight"].shape] == [64, 4]
+
+
+def test_header_only_moe_is_a_real_header_over_a_sparse_file(tmp_path):
+    from llm_garage import gguf_header
+
+    shape = {**QWEN35_122B, "n_layer": 8, "n_embd": 512, "n_expert": 8, "vocab": 3000}
+    paths = write_header_only_moe(tmp_path, "H", 3, shape, expert_type="Q6_K")
+    assert [p.name for p in paths] == [f"H-0000{i}-of-00003.gguf" for i in (1, 2, 3)]
+    headers = []
+    for p in paths:
+        header = gguf_header.parse(p.read_bytes(), p.stat().st_size)
+        # every byte after the header is a tensor's: the file ends where the last one does
+        assert header.data_start + sum(t.nbytes for t in header.tensors) <= p.stat().st_size
+        assert p.stat().st_blocks * 512 < p.stat().st_size  # sparse: no weights written
+        sizes = {t.name: int(t.n_bytes) for t in GGUFReader(p).tensors}
+        assert sizes == {t.name: t.nbytes for t in header.tensors}
+        headers.append(header)
+    summary = gguf_header.summarize(headers)
+    assert summary["architecture"] == "qwen35moe" and summary["n_layer"] == 8
+    assert summary["n_vocab"] == 3000 and summary["recurrent"]["full_attention_interval"] == 4
+    up = gguf_header.tensor_bytes(summary)["blk.0.ffn_up_exps.weight"]
+    assert up == 512 * 1024 * 8 // 256 * 210  # Q6_K: 210 bytes a block of 256
