@@ -124,8 +124,9 @@ def test_prompt_is_exactly_the_depth():
 # --- garage-bench against a stand-in server ---------------------------------------------------
 
 class StandIn(http.server.BaseHTTPRequestHandler):
-    """llama-server's surface as garage-bench uses it: the prompt takes 0.2 ms a token, each
-    generated token 6 ms, and the phase is written where the stand-in nvidia-smi reads it."""
+    """llama-server's surface as garage-bench uses it: the prompt takes 0.6 ms a token, each
+    generated token 6 ms (phases long enough to sample on a busy machine), and the phase is
+    written where the stand-in nvidia-smi reads it."""
 
     key = "k-secret-1"
     ik = False
@@ -168,7 +169,7 @@ class StandIn(http.server.BaseHTTPRequestHandler):
         n = body["n_predict"]
         self.phase_file.write_text("prefill\n")
         t0 = time.monotonic()
-        time.sleep(len(prompt) * 0.0002)
+        time.sleep(len(prompt) * 0.0006)
         prompt_ms = (time.monotonic() - t0) * 1000
         self.phase_file.write_text("decode\n")
         t1 = time.monotonic()
