@@ -1,11 +1,16 @@
 """Test-rig timings: boot one rig, then the real deploy and `exec -- true` on 1, 2 and 8 rigs.
 
-    sudo .venv/bin/python bench/rigs_bench.py [--repeat 3] [--smoke]
+    sudo .venv/bin/python bench/rigs_bench.py [--repeat 3] [--sizes 1,2,8] [--smoke]
 
 Prints the time to create and boot one rig (and the base build, if this run had to do it),
 then per fleet size: the first run of ``deploy.py``, its no-op re-run (median; every re-run
 must change nothing on any rig) and ``pyinfra exec -- true`` (median), and the 8-rig / 1-rig
 ratios. Each size gets its own fresh rigs, so every first run starts from the same state.
+Per size it also shows the no-op run against `exec -- true` (goal for 2 rigs: <= 2.5x) and
+where one more no-op run's time goes (lab/rigs/run_profile.py, from pyinfra's --debug log):
+the prepare phase (the deploy file per host, one host after the other) with each fact's
+commands and seconds, the execute phase with each operation's commands and seconds, and the
+commands run on each rig.
 
 The deploy runs on the stand-ins the end-to-end tests use (lab/serving.py): a small
 llama.cpp-like fixture repository served by git daemon (one CPU-only engine at tag b6), the
