@@ -1,11 +1,16 @@
 """Test-rig timings: boot one rig, then the real deploy and `exec -- true` on 1, 2 and 8 rigs.
 
-    sudo .venv/bin/python bench/rigs_bench.py [--repeat 3] [--smoke]
+    sudo .venv/bin/python bench/rigs_bench.py [--repeat 3] [--sizes 1,2,8] [--smoke]
 
 Prints the time to create and boot one rig (and the base build, if this run had to do it),
 then per fleet size: the first run of ``deploy.py``, its no-op re-run (median; every re-run
 must change nothing on any rig) and ``pyinfra exec -- true`` (median), and the 8-rig / 1-rig
 ratios. Each size gets its own fresh rigs, so every first run starts from the same state.
+Per size it also shows the no-op run against `exec -- true` (goal for 2 rigs: <= 2.5x) and
+where one more no-op run's time goes (lab/rigs/run_profile.py, from pyinfra's --debug log):
+the prepare phase (the deploy file per host, one host after the other) with each fact's
+commands and seconds, the execute phase with each operation's commands and seconds, and the
+commands run on each rig.
 
 The deploy runs on the stand-ins the end-to-end tests use (lab/serving.py): a small
 llama.cpp-like fixture repository served by git daemon (one CPU-only engine at tag b6), the
@@ -39,6 +44,7 @@ from lab.rigs.pyinfra_results import (  # noqa: E402
     check_no_changes,
     run_pyinfra,
 )
+from lab.rigs.run_profile import profile_run  # noqa: E402
 from lab.serving import (  # noqa: E402
     controller_env,
     install_fake_gpus,
@@ -100,9 +106,10 @@ def _medians(inventory: Path, deploy: str, names: list[str], repeat: int, env=No
     return statistics.median(noops), statistics.median(cpus), statistics.median(execs)
 
 
-def smoke_rows(fleet: lab.rigs.Fleet, names: dict[int, list[str]], tmp: Path, repeat: int):
+def smoke_rows(fleet: lab.rigs.Fleet, names: dict[int, list[str]], tmp: Path, repeat: int,
+               sizes=SIZES):
     rows = []
-    for n in SIZES:
+    for n in sizes:
         inventory = fleet.write_inventory(tmp / f"inv{n}.py", names[n])
         first = _first_run(inventory, SMOKE, names[n])
         noop, _, exec_true = _medians(inventory, SMOKE, names[n], repeat)
@@ -115,12 +122,13 @@ def build_stamp(rig: lab.rigs.Rig) -> dict[str, str]:
     return parse_stamp(rig.ssh(f"cat {CURRENT_STAMP}").stdout.splitlines())
 
 
-def deploy_rows(fleet: lab.rigs.Fleet, names: dict[int, list[str]], tmp: Path, repeat: int):
+def deploy_rows(fleet: lab.rigs.Fleet, names: dict[int, list[str]], tmp: Path, repeat: int,
+                sizes=SIZES):
     make_engine_repo(tmp / "engines")
     with GitDaemon(tmp / "engines", bind_ip=fleet.host_ip) as git, \
             make_hub(fleet.host_ip, tmp / "hub") as hub:
         rows = []
-        for n in SIZES:
+        for n in sizes:
             hosts = {}
             for i, name in enumerate(names[n]):
                 install_fake_gpus(fleet.rigs[name], GPU_MODEL, 1)
@@ -139,10 +147,13 @@ def deploy_rows(fleet: lab.rigs.Fleet, names: dict[int, list[str]], tmp: Path, r
             hits = sum(int(s["ccache_hits"]) for s in stamps)
             compiles = hits + sum(int(s["ccache_misses"]) for s in stamps)
             noop, noop_cpu, exec_true = _medians(inventory, DEPLOY, names[n], repeat, env=env)
+            run_prof, status, log = profile_run(inventory, DEPLOY, env=env)
+            if status != 0:
+                raise NotConvergedError(f"profiled no-op run exited {status}:\n{log[-4000:]}")
             rows.append({"n": n, "first": first.duration, "builds": builds,
                          "rest": first.duration - max(builds), "noop": noop, "noop_cpu": noop_cpu,
                          "exec": exec_true, "changed": first.changed,
-                         "ccache": f"{hits}/{compiles}"})
+                         "ccache": f"{hits}/{compiles}", "profile": run_prof})
         return rows
 
 
@@ -151,17 +162,19 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3, help="runs per median (3)")
     parser.add_argument("--smoke", action="store_true",
                         help=f"time {SMOKE} instead of {DEPLOY}")
+    parser.add_argument("--sizes", type=lambda v: tuple(int(n) for n in v.split(",")),
+                        default=SIZES, help="fleet sizes, comma-separated (1,2,8)")
     args = parser.parse_args()
 
     had_base = lab.rigs.base_path().joinpath(".garage-base").is_file()
     base_s, _ = _timed(lab.rigs.ensure_base)
     with tempfile.TemporaryDirectory(prefix="rigs-bench-") as tmp, lab.rigs.Fleet() as fleet:
         boot_s, _ = _timed(lambda: fleet.start(["boot1"]))
-        names = {n: [f"n{n}r{i}" for i in range(1, n + 1)] for n in SIZES}
-        all_names = [name for n in SIZES for name in names[n]]
+        names = {n: [f"n{n}r{i}" for i in range(1, n + 1)] for n in args.sizes}
+        all_names = [name for n in args.sizes for name in names[n]]
         parallel_s, _ = _timed(lambda: fleet.start(all_names))
         measure = smoke_rows if args.smoke else deploy_rows
-        rows = measure(fleet, names, Path(tmp), args.repeat)
+        rows = measure(fleet, names, Path(tmp), args.repeat, args.sizes)
 
     print()
     if not had_base:
@@ -175,7 +188,7 @@ def main() -> int:
         print(f"{'rigs':>5} {'first run':>10} {'no-op run':>10} {'exec true':>10}")
         for r in rows:
             print(f"{r['n']:>5} {r['first']:>9.2f}s {r['noop']:>9.2f}s {r['exec']:>9.2f}s")
-        print(f"ratio 8/1: first run {eight['first'] / one['first']:.2f}x, "
+        print(f"ratio {eight['n']}/{one['n']}: first run {eight['first'] / one['first']:.2f}x, "
               f"no-op run {eight['noop'] / one['noop']:.2f}x, "
               f"exec true {eight['exec'] / one['exec']:.2f}x")
         return 0
@@ -193,10 +206,15 @@ def main() -> int:
     for r in rows:
         print(f"  engine build per rig, {r['n']} rig(s): "
               + ", ".join(f"{s}s" for s in r["builds"]))
-    print(f"ratio 8/1: first run {eight['first'] / one['first']:.2f}x, "
+    for r in rows:
+        goal = " (goal: <= 2.5x)" if r["n"] == 2 else ""
+        print(f"  no-op of {r['n']} rig(s): {r['noop'] / r['exec']:.2f}x exec true{goal}; "
+              "one profiled no-op run (pyinfra --debug):")
+        print("\n".join("    " + line for line in r["profile"].table()))
+    print(f"ratio {eight['n']}/{one['n']}: first run {eight['first'] / one['first']:.2f}x, "
           f"first run without the engine build {eight['rest'] / one['rest']:.2f}x, "
           f"slowest build {max(eight['builds']) / max(max(one['builds']), 1):.2f}x, "
-          f"no-op run {eight['noop'] / one['noop']:.2f}x (its pyinfra CPU "
+          f"no-op run {eight['noop'] / one['noop']:.2f}x (goal for 8/1: <= 1.5x; its pyinfra CPU "
           f"{eight['noop_cpu'] / one['noop_cpu']:.2f}x), exec true "
           f"{eight['exec'] / one['exec']:.2f}x")
     print("  no-op CPU: user + system time of the pyinfra process on this machine during a "

@@ -226,8 +226,10 @@ class Layout:
 
     @property
     def rig_dirs(self) -> tuple[str, ...]:
-        """The folders every rig gets before anything else, root's and world-readable."""
-        return (self.garage_root, self.bin_dir, self.state_dir, self.models_dir)
+        """The folders every rig gets before anything else, root's and world-readable (the
+        rendered units are written into the state folders without creating them)."""
+        return (self.garage_root, self.bin_dir, self.state_dir, self.service_inputs_dir,
+                self.models_dir)
 
     @property
     def engine_dirs(self) -> tuple[str, ...]:

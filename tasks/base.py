@@ -4,9 +4,10 @@ scripts our operations run on the rig."""
 from pyinfra import host
 from pyinfra.api import deploy
 from pyinfra.facts.deb import DebPackages
-from pyinfra.operations import apt, files, server
+from pyinfra.operations import apt
 
 from llm_garage.layout import RIG_SCRIPTS, script_source
+from llm_garage.operations import paths
 from llm_garage.settings import Rig
 
 # Tools our own operations run on the rig (downloader, stamps, health checks).
@@ -25,15 +26,15 @@ def install_packages(name: str, packages: list[str]) -> None:
 def prepare(rig: Rig) -> None:
     d, layout = rig.data, rig.layout
     install_packages("Install base tools", BASE_PACKAGES)
-    for group in d.service_groups:
-        server.group(name=f"Ensure group {group}", group=group, system=True)
-    server.user(name=f"Ensure service user {d.service_user}", user=d.service_user, system=True,
-                shell="/usr/sbin/nologin", home=layout.service_home, create_home=False,
-                groups=d.service_groups)
-    # Root owns everything the service only reads; the service writes nowhere here.
-    for path in layout.rig_dirs:
-        files.directory(name=f"Ensure {path}", path=path, user="root", group="root", mode="755")
-    for script in RIG_SCRIPTS:
-        files.put(name=f"Install {script}", src=script_source(script),
-                  dest=layout.script(script), add_deploy_dir=False, user="root", group="root",
-                  mode="755")
+    # Its groups, the user and its home folder: one operation, one command when in place.
+    paths.service_account(name=f"Ensure service user {d.service_user} and its groups",
+                          user=d.service_user, groups=d.service_groups,
+                          home=layout.service_home, shell="/usr/sbin/nologin")
+    # Root owns everything the service only reads; the service writes nowhere here. One
+    # operation for all the folders and one for all the scripts: one command each on a rig
+    # where they are in place.
+    paths.folders(name="Ensure " + ", ".join(layout.rig_dirs), paths=layout.rig_dirs,
+                  user="root", group="root", mode="755")
+    paths.files_installed(name=f"Install rig scripts into {layout.bin_dir}",
+                          files={layout.script(s): script_source(s) for s in RIG_SCRIPTS},
+                          user="root", group="root", mode="755")

@@ -11,9 +11,9 @@ from collections.abc import Mapping
 from pyinfra import host
 from pyinfra.api import deploy
 from pyinfra.api.operation import OperationMeta
-from pyinfra.operations import files
 
 from llm_garage.operations import engine as ops
+from llm_garage.operations import paths
 from llm_garage.plans import engines as engine_plan
 from llm_garage.plans.engines import BuildPlan
 from llm_garage.settings import Rig
@@ -48,8 +48,8 @@ def prepare(rig: Rig) -> list[BuildPlan]:
     plans = engine_plan.plan(rig, host.get_fact)
     layout = rig.layout
     install_packages("Install build tools", BUILD_PACKAGES)
-    for path in layout.engine_dirs:
-        files.directory(name=f"Ensure {path}", path=path, user="root", group="root", mode="755")
+    paths.folders(name="Ensure " + ", ".join(layout.engine_dirs), paths=layout.engine_dirs,
+                  user="root", group="root", mode="755")
     installs = {plan.cuda_install.pin: plan.cuda_install for plan in plans if plan.cuda_install}
     for pin, install in sorted(installs.items()):
         ops.cuda_toolkit(name=f"Install CUDA {pin} ({install.wheels.release}) into "

@@ -5,7 +5,7 @@ from pathlib import Path
 from pyinfra import host
 from pyinfra.api import deploy
 from pyinfra.facts.server import Which
-from pyinfra.operations import files, systemd
+from pyinfra.operations import files
 
 from llm_garage import units
 from llm_garage.facts.gpu import GpuTable
@@ -41,10 +41,9 @@ def converge(rig: Rig) -> None:
                        limits=limits, persistence=d.gpu_persistence_mode, nvidia_smi=nvidia_smi)
     files.template(name=f"Rendered {GPU_POWER_UNIT}", src=UNIT_TEMPLATE,
                    dest=rig.layout.gpu_power_unit, user="root", group="root", mode="644",
+                   create_remote_dir=False,
                    jinja_env_kwargs=dict(units.TEMPLATE_OPTIONS),
                    unit=units.gpu_power_unit_context(rig, nvidia_smi, nvidia_modprobe))
-    services.unit_installed(name=f"Boot unit {GPU_POWER_UNIT}",
+    services.unit_installed(name=f"Boot unit {GPU_POWER_UNIT}, enabled at boot",
                             source=rig.layout.gpu_power_unit,
-                            unit_file=unit_path(GPU_POWER_UNIT))
-    systemd.service(name=f"Enable {GPU_POWER_UNIT} at boot", service=GPU_POWER_UNIT,
-                    running=None, enabled=True)
+                            unit_file=unit_path(GPU_POWER_UNIT), service=GPU_POWER_UNIT)

@@ -58,6 +58,7 @@ def converge(rig: Rig, engines: Mapping[str, BuildPlan], models: Mapping[str, Mo
         # Rendered beside the unit; the proof step installs it (and rolls it back).
         files.template(name=f"Wanted unit {plan.service}", src=UNIT_TEMPLATE,
                        dest=plan.wanted_unit, user="root", group="root", mode="644",
+                       create_remote_dir=False,
                        jinja_env_kwargs=dict(units.TEMPLATE_OPTIONS), unit=plan.unit)
     systemd.daemon_reload(name="Reload systemd (llama-server units removed)",
                           _if=pruned.did_change)

@@ -7,6 +7,8 @@ import shlex
 
 from pyinfra.api import FactBase
 
+from llm_garage.facts.paths import PathStates
+
 
 def inputs_digest_command(unit: str, key_file: str | None, binary: str, model: str) -> str:
     """Shell printing one sha256 over everything a llama-server runs with: the unit's content
@@ -106,3 +108,19 @@ class UnitPresence(FactBase):
             "enabled": "enabled" in lines,
             "present": [line.partition("=")[2] for line in lines if line.startswith("present=")],
         }
+
+
+class InstalledUnit(FactBase):
+    """A unit rendered beside our state and the unit systemd reads, in one command:
+    `files` (`PathStates` of both, with their sha256) and `enabled` (what
+    `systemctl is-enabled` says of `service`, "" when it says nothing)."""
+
+    def command(self, source: str, unit_file: str, service: str):
+        return (PathStates().command([source, unit_file]) + "; printf 'enabled=%s\\n' "
+                f"\"$(systemctl is-enabled -- {shlex.quote(service)} 2>/dev/null)\"; true")
+
+    def process(self, output):
+        lines = [line for line in output if not line.startswith("enabled=")]
+        enabled = [line.partition("=")[2].strip() for line in output
+                   if line.startswith("enabled=")]
+        return {"files": PathStates().process(lines), "enabled": enabled[0] if enabled else ""}

@@ -19,8 +19,10 @@ from pyinfra.api import (
 from pyinfra.api.operation import OperationMeta
 from pyinfra.facts.files import Sha256File
 
+from llm_garage.facts.paths import PathStates
 from llm_garage.facts.services import (
     GarageUnits,
+    InstalledUnit,
     ServiceState,
     UnitPresence,
     inputs_digest_command,
@@ -244,32 +246,44 @@ def served(plan: ServicePlan, changed: Sequence[OperationMeta] = ()):
 
 
 @operation()
-def unit_installed(source: str, unit_file: str):
+def unit_installed(source: str, unit_file: str, service: str | None = None):
     """
-    Install a unit rendered on the rig as the systemd unit, atomically, and reload systemd.
+    Install a unit rendered on the rig as the systemd unit, atomically, and reload systemd;
+    with `service`, also enable it at boot.
 
     + source: the rendered unit (written by the deploy beside our state)
     + unit_file: where systemd reads it
+    + service: the unit to enable (``systemctl enable``) when it is not enabled
 
     A unit file is never half-written: the copy goes beside it, reaches the disk, then is
-    renamed over it.
+    renamed over it. Both files (and whether the unit is enabled) are read in one command.
 
     **Example:**
 
     .. code:: python
 
         services.unit_installed(name="GPU unit", source="/opt/llm-garage/state/x.service",
-                                unit_file="/etc/systemd/system/x.service")
+                                unit_file="/etc/systemd/system/x.service",
+                                service="x.service")
     """
-    want = host.get_fact(Sha256File, path=source)
-    have = host.get_fact(Sha256File, path=unit_file)
-    if want is not None and want == have:
-        host.noop(f"{unit_file} is the rendered unit")
-        return
-    yield StringCommand("sh", "-c", QuoteString(
-        'cp -f -- "$1" "$2.tmp" && chmod 644 "$2.tmp" && sync -- "$2.tmp" && '
-        'mv -f -- "$2.tmp" "$2" && systemctl daemon-reload'), "-", QuoteString(source),
-        QuoteString(unit_file))
+    if service:
+        found = host.get_fact(InstalledUnit, source=source, unit_file=unit_file,
+                              service=service)
+        states, enabled = found["files"], found["enabled"] == "enabled"
+    else:
+        states, enabled = host.get_fact(PathStates, paths=[source, unit_file]), True
+    want, have = ((states.get(p) or {}).get("sha256") for p in (source, unit_file))
+    same = want is not None and want == have
+    if not same:
+        yield StringCommand("sh", "-c", QuoteString(
+            'cp -f -- "$1" "$2.tmp" && chmod 644 "$2.tmp" && sync -- "$2.tmp" && '
+            'mv -f -- "$2.tmp" "$2" && systemctl daemon-reload'), "-", QuoteString(source),
+            QuoteString(unit_file))
+    if not enabled:
+        yield StringCommand("systemctl", "enable", "--", QuoteString(service))
+    if same and enabled:
+        host.noop(f"{unit_file} is the rendered unit"
+                  + (f", {service} is enabled at boot" if service else ""))
 
 
 @operation()

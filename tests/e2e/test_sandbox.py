@@ -62,7 +62,7 @@ def test_sandbox_up_answers_converges_reuses_and_down_leaves_nothing(tmp_path, c
                         if line.startswith("    [sandbox] Building llama (llama.cpp "))
         compiled = [i for i, line in enumerate(lines) if re.fullmatch(
             r"    \[sandbox\] garage-build: llama compiled: 100 % \(\d+ steps done\) in "
-            r"\d+ s, ccache hits \d+/\d+", line)]
+            r"(?:\d+ min )?\d+ s, ccache hits \d+/\d+", line)]
         compiling = [int(m.group(1)) for line in lines if (m := re.fullmatch(
             r"    \[sandbox\] garage-build: llama compiling: (\d+) % \(\d+ steps? done\), .*",
             line))]

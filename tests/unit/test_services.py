@@ -412,14 +412,66 @@ def test_secret_file_absent():
 
 
 def test_unit_installed_only_when_it_differs_and_atomically():
-    same = {"files.Sha256File": lambda path: "a" * 64}
+    def unit(digest):
+        return {"type": "file", "mode": "644", "user": "root", "group": "root",
+                "sha256": digest}
+
+    same = {"paths.PathStates": lambda paths, **_: {p: unit("a" * 64) for p in paths}}
     run = run_op(ops.unit_installed, same, source="/opt/g/state/x.service",
                  unit_file="/etc/systemd/system/x.service")
     assert run.commands == []
     assert run.noops == ["/etc/systemd/system/x.service is the rendered unit"]
-    differs = {"files.Sha256File": lambda path: "a" * 64 if path.startswith("/opt") else None}
+    # Both files are read by one fact (one command on the rig).
+    assert run.host.asked == [("paths.PathStates", {"paths": [
+        "/opt/g/state/x.service", "/etc/systemd/system/x.service"]})]
+    changed = {"paths.PathStates": {"/opt/g/state/x.service": unit("a" * 64),
+                                    "/etc/systemd/system/x.service": unit("b" * 64)}}
+    assert len(run_op(ops.unit_installed, changed, source="/opt/g/state/x.service",
+                      unit_file="/etc/systemd/system/x.service").commands) == 1
+    differs = {"paths.PathStates": {"/opt/g/state/x.service": unit("a" * 64)}}
     run = run_op(ops.unit_installed, differs, source="/opt/g/state/x.service",
                  unit_file="/etc/systemd/system/x.service")
     (command,) = run.raw
     assert 'mv -f -- "$2.tmp" "$2" && systemctl daemon-reload' in command
     assert command.endswith(" - /opt/g/state/x.service /etc/systemd/system/x.service")
+
+
+def test_boot_unit_installed_and_enabled_from_one_fact():
+    def unit(digest):
+        return {"type": "file", "mode": "644", "user": "root", "group": "root",
+                "sha256": digest}
+
+    where = dict(source="/opt/g/state/x.service", unit_file="/etc/systemd/system/x.service",
+                 service="x.service")
+    both = {"/opt/g/state/x.service": unit("a" * 64),
+            "/etc/systemd/system/x.service": unit("a" * 64)}
+    run = run_op(ops.unit_installed, {"services.InstalledUnit": {"files": both,
+                                                                 "enabled": "enabled"}},
+                 **where)
+    assert run.commands == []
+    assert run.noops == ["/etc/systemd/system/x.service is the rendered unit, x.service is "
+                         "enabled at boot"]
+    run = run_op(ops.unit_installed, {"services.InstalledUnit": {"files": both,
+                                                                 "enabled": "disabled"}},
+                 **where)
+    assert run.raw == ["systemctl enable -- x.service"]
+    fresh = {"/opt/g/state/x.service": unit("a" * 64)}
+    run = run_op(ops.unit_installed, {"services.InstalledUnit": {"files": fresh,
+                                                                 "enabled": ""}}, **where)
+    assert len(run.raw) == 2 and run.raw[0].startswith("sh -c ")
+    assert run.raw[1] == "systemctl enable -- x.service"
+    assert run.noops == []
+
+
+def test_installed_unit_fact_reads_files_and_enablement_here(tmp_path):
+    from llm_garage.facts.services import InstalledUnit
+    source = tmp_path / "x.service"
+    source.write_text("[Unit]\n")
+    fact = InstalledUnit()
+    out = subprocess.run(["sh", "-c", fact.command(str(source), str(tmp_path / "none"),
+                                                   "no-such-unit-x.service")],
+                         capture_output=True, text=True, check=True).stdout
+    found = fact.process(out.splitlines())
+    assert list(found["files"]) == [str(source)]
+    assert found["files"][str(source)]["sha256"] == hashlib.sha256(b"[Unit]\n").hexdigest()
+    assert found["enabled"] != "enabled"
