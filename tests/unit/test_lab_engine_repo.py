@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ import requests
 from lab.serving import make_engine_repo
 from lab.standins.engine_repo import (
     FAULTS,
+    GitDaemon,
     add_fault_tag,
     build_engine_repo,
     cmake_build,
@@ -158,6 +160,23 @@ def test_fixture_engine_git_daemon_fetch_by_tag_and_sha(repos, daemon, tmp_path)
     full = tmp_path / "ik"
     subprocess.run(["git", "clone", "-q", daemon.url_for(ik.name), str(full)], check=True)
     assert git(full, "rev-list", "--count", "HEAD").stdout.strip() == "36"
+
+
+def test_fixture_engine_git_daemon_takes_another_port_when_its_own_is_taken(repos, tmp_path):
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as holder:
+        holder.bind(("127.0.0.1", 0))  # bound, not listening: nothing answers on it
+        taken = holder.getsockname()[1]
+        d = GitDaemon(repos["base"], "127.0.0.1")
+        d.port = taken  # as if another process had bound it after the daemon picked it
+        d.start()
+        try:
+            assert d.port != taken
+            assert git(tmp_path, "ls-remote", d.url_for("llama.cpp.git")).returncode == 0
+        finally:
+            d.stop()
+        fixed = GitDaemon(repos["base"], "127.0.0.1", port=taken)  # a port asked for: no retry
+        with pytest.raises(RuntimeError, match="Address already in use"):
+            fixed.start()
 
 
 def test_fixture_engine_git_daemon_stops(repos, tmp_path):
