@@ -136,7 +136,9 @@ def test_the_sweep_measures_the_running_server_and_compares_runs(
     proc = subprocess.Popen(
         [sys.executable, "-m", "llm_garage.cli", "bench", str(inventory), "--depths", "2k",
          "--gen", "400", "--repeat", "50"], cwd=REPO_ROOT, env={**os.environ, **env},
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        # as from a terminal: a test run started in the background inherits SIGINT ignored
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 180
     while "garage-bench" not in sh(rig, "ps -eo args") and time.monotonic() < deadline:
         assert proc.poll() is None, proc.communicate()
