@@ -171,6 +171,11 @@ class Layout:
         """llama-server of one build (units name their build, not `current`)."""
         return f"{self.engine_builds_dir(engine)}/{build_key}/bin/llama-server"
 
+    def load_flags_file(self, engine: str, build_key: str = "current") -> str:
+        """How one build's llama-server takes no_mmap and mlock (settings.LOAD_FLAGS),
+        written by garage-build before the stamp, read by the units that need it."""
+        return f"{self.engine_builds_dir(engine)}/{build_key}/load-flags.env"
+
     # --- models ---
     @property
     def blobs_dir(self) -> str:

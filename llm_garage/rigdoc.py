@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .layout import GPU_POWER_UNIT, service_name, unit_path
-from .settings import Rig
+from .settings import Rig, load_flags_env
 
 FORMAT = 1
 BENCH = "bench"  # the latest `llm-garage bench` run, written by the bench command
@@ -96,6 +96,7 @@ def collect(rig: Rig, report: Mapping[str, Any], engines: Mapping[str, Any],
             "name": name, "kind": plan.kind, "ref": plan.ref, "commit": plan.commit,
             "remote": plan.remote, "fetch": list(plan.fetch), "source_dir": plan.source_dir,
             "build_dir": plan.build_dir, "key": plan.key, "current": found["current"],
+            "load_flags_file": plan.load_flags_file,
             "configure": configure_argv(plan), "by_hand_configure": configure_argv(plan, False),
             "targets": list(plan.targets), "jobs": plan.jobs,
             "architectures": list(plan.architectures), "nvcc": plan.nvcc,
@@ -364,6 +365,19 @@ def _opencode(data) -> list[str]:
     return out + [""]
 
 
+def load_flags_by_hand(build_dir: str, path: str | None) -> list[str]:
+    """What garage-build writes to a build's load-flags.env (settings.LOAD_FLAGS), as a shell
+    line: the spelling of no_mmap/mlock the built llama-server's --help offers."""
+    if not path:
+        return []
+    q = shlex.quote
+    binary, env = q(f"{build_dir}/bin/llama-server"), q(path)
+    return ["# how this llama-server spells no_mmap/mlock (the units read this file)",
+            f"if {binary} --help 2>&1 | grep -q -e --load-mode; then printf %s "
+            f"{q(load_flags_env(True))} > {env}; else printf %s {q(load_flags_env(False))} "
+            f"> {env}; fi"]
+
+
 def _by_hand(data) -> list[str]:
     """Commands that rebuild this rig without llm-garage: same binary, bytes and units."""
     q = shlex.quote
@@ -388,7 +402,8 @@ def _by_hand(data) -> list[str]:
                f"cmake --build {q(e['build_dir'])} -j {e['jobs']} --target "
                + " ".join(q(t) for t in e["targets"]),
                f"{q(e['build_dir'] + '/bin/llama-server')} --version"
-               + (f"   # {stamp['version']}" if stamp.get("version") else "")]
+               + (f"   # {stamp['version']}" if stamp.get("version") else ""),
+               *load_flags_by_hand(e["build_dir"], e.get("load_flags_file"))]
     for m in data["models"]:
         sh += ["", f"# model {m['name']}: {m['repo']} at {m['commit']}"
                + (" (gated: add -H \"Authorization: Bearer $HF_TOKEN\" to curl)"

@@ -351,9 +351,12 @@ class Profile:
                                      check=optional(is_int(1)))
     ubatch_size: int | None = setting(None, doc="physical batch (-ub)", type="int", flag="-ub",
                                       check=optional(is_int(1)))
-    no_mmap: bool = setting(False, doc="load the whole model into RAM (--no-mmap)",
+    no_mmap: bool = setting(False, doc="load the whole model into RAM (--no-mmap; "
+                                       "--load-mode none where the build has --load-mode)",
                             type="bool", flag="--no-mmap", check=is_bool)
-    mlock: bool = setting(False, doc="lock the model in RAM (--mlock; sets LimitMEMLOCK)",
+    mlock: bool = setting(False, doc="lock the model in RAM (--mlock; --load-mode mmap+mlock, "
+                                     "or mlock with no_mmap, where the build has --load-mode; "
+                                     "sets LimitMEMLOCK)",
                           type="bool", flag="--mlock", check=is_bool)
     jinja: bool | None = setting(None, doc="chat templates via Jinja: true = --jinja, false = "
                                            "--no-jinja on llama.cpp (Jinja is its default) and "
@@ -432,7 +435,7 @@ FLAG_SPELLINGS = {
     "--threads-batch": ("-tb",),
     "-b": ("--batch-size",),
     "-ub": ("--ubatch-size",),
-    "--no-mmap": ("--mmap",),
+    "--no-mmap": ("--mmap", "--load-mode", "-lm"),
     "--mlock": (),
     "--jinja": ("--no-jinja",),
     "--no-warmup": ("--warmup",),
@@ -442,6 +445,25 @@ FLAG_SPELLINGS = {
     "--min-p": (),
     "--repeat-penalty": (),
 }
+
+
+# How a build's llama-server takes `no_mmap` and `mlock`: older llama.cpp and ik_llama.cpp
+# spell them --no-mmap and --mlock; later llama.cpp replaced both with --load-mode and refuses
+# the old flags. garage-build asks the built llama-server's --help which it takes and writes
+# the matching `load_flags_env` to the build's load-flags.env; a unit that needs them reads that
+# file and names the variable (with the older spelling as its default, for builds made before
+# that file was written). (no_mmap, mlock) -> variable, older flags, --load-mode value.
+LOAD_FLAGS = {
+    (True, False): ("GARAGE_NO_MMAP", "--no-mmap", "none"),
+    (False, True): ("GARAGE_MLOCK", "--mlock", "mmap+mlock"),
+    (True, True): ("GARAGE_NO_MMAP_MLOCK", "--no-mmap --mlock", "mlock"),
+}
+
+
+def load_flags_env(load_mode: bool) -> str:
+    """load-flags.env for a llama-server that takes --load-mode (True) or the older flags."""
+    return "".join(f"{var}={'--load-mode ' + mode if load_mode else old}\n"
+                   for var, old, mode in LOAD_FLAGS.values())
 
 
 def _owned_flags() -> dict[str, str]:
@@ -634,8 +656,16 @@ class Rig:
             return list(limit)
         return [limit] * self.data.gpu_count
 
-    def server_args(self, profile: str, model_path: str) -> list[str]:
-        """llama-server's argv after the binary, from the structured profile."""
+    def load_flags(self, profile: str) -> tuple[str, str, str] | None:
+        """The profile's `LOAD_FLAGS` entry (variable, older flags, --load-mode value), or
+        None when it sets neither no_mmap nor mlock."""
+        p = self.profiles[profile]
+        return LOAD_FLAGS.get((bool(p.no_mmap), bool(p.mlock)))
+
+    def server_args(self, profile: str, model_path: str, *, load_flags: bool = True
+                    ) -> list[str]:
+        """llama-server's argv after the binary, from the structured profile; without
+        `load_flags`, no_mmap and mlock are left out (the unit takes them from the build)."""
         p = self.profiles[profile]
         engine = self.engines.get(p.engine)
         kind = engine.kind if engine else LLAMA_CPP
@@ -648,6 +678,8 @@ class Rig:
             flag = f.metadata.get("flag")
             value = getattr(p, f.name)
             if not flag or value is None or value == []:
+                continue
+            if f.name in ("no_mmap", "mlock") and not load_flags:
                 continue
             if f.name == "jinja":
                 # Jinja is on by default in llama.cpp; ik_llama.cpp has it off and no --no-jinja.

@@ -98,10 +98,15 @@ def service_environment(rig: Rig, profile: str) -> dict[str, str]:
     return env
 
 
-def llama_unit_context(rig: Rig, profile: str, model_path: str, binary: str | None = None) -> dict:
-    """Values of a profile's unit; `binary`: the llama-server of the build it runs (default:
-    the engine's `current` build)."""
+def llama_unit_context(rig: Rig, profile: str, model_path: str, build_key: str = "current"
+                       ) -> dict:
+    """Values of a profile's unit; `build_key`: the build it runs (default: the engine's
+    `current` build)."""
     p = rig.profiles[profile]
+    load = rig.load_flags(profile)
+    # no_mmap/mlock: the build's own spelling (its load-flags.env), the older one by default
+    load_word = f" ${load[0]}" if load else ""
+    load_default = {load[0]: load[1]} if load else {}
     # the model's snapshots link into the blob store: the service reads both, writes neither
     read_only = [rig.layout.engine_builds_dir(p.engine), rig.layout.model_dir(p.model),
                  rig.layout.blobs_dir]
@@ -123,13 +128,15 @@ def llama_unit_context(rig: Rig, profile: str, model_path: str, binary: str | No
         # wanted by multi-user.target); a restart here must not set the GPUs again.
         "wants": ["network-online.target"],
         "service_user": rig.data.service_user,
-        "exec_start": exec_line([binary or rig.layout.server_binary(p.engine),
-                                 *rig.server_args(profile, model_path)])
-        + (f" --api-key-file {API_KEY_ARG}" if p.api_key_env else ""),
+        "exec_start": exec_line([rig.layout.server_binary(p.engine, build_key),
+                                 *rig.server_args(profile, model_path, load_flags=False)])
+        + load_word + (f" --api-key-file {API_KEY_ARG}" if p.api_key_env else ""),
+        "load_flags_file": rig.layout.load_flags_file(p.engine, build_key) if load else None,
         "credential": (f"{API_KEY_CREDENTIAL}:{rig.layout.key_file(profile)}"
                        if p.api_key_env else None),
         "environment": [environment_word(k, v)
-                        for k, v in service_environment(rig, profile).items()],
+                        for k, v in {**load_default,
+                                     **service_environment(rig, profile)}.items()],
         "restart_sec": RESTART_SEC,
         "start_limit_interval_s": START_LIMIT_INTERVAL_S,
         "start_limit_burst": START_LIMIT_BURST,

@@ -15,6 +15,7 @@ from pyinfra.api.exceptions import OperationError
 from llm_garage.facts.engine import CudaToolkitStamp, EngineBuilds, PinRecords, pin_record_line
 from llm_garage.plans.engines import BuildPlan, CudaInstall
 from llm_garage.progress import streamed
+from llm_garage.settings import load_flags_env
 
 
 def build_command(plan: BuildPlan, script: str) -> StringCommand:
@@ -41,6 +42,10 @@ def build_command(plan: BuildPlan, script: str) -> StringCommand:
         opt("--cuda-toolkit", plan.cuda_toolkit)
     for target in plan.targets:
         opt("--target", target)
+    if plan.load_flags_file:
+        opt("--load-flags-file", plan.load_flags_file)
+        opt("--load-flags-new", load_flags_env(True))
+        opt("--load-flags-old", load_flags_env(False))
     bits.append("--")
     bits.extend(QuoteString(arg) for arg in plan.cmake_args)
     return StringCommand(*bits)

@@ -261,6 +261,7 @@ class BuildPlan:
     targets: tuple[str, ...] = ("llama-server",)
     keep_builds: int = 3  # builds kept on disk for rollback, this one included
     records_tag: bool = False  # a tag pin: record its commit so a moved tag is noticed
+    load_flags_file: str | None = None  # the build's load-flags.env (settings.LOAD_FLAGS)
 
     @property
     def key(self) -> str:
@@ -540,6 +541,8 @@ def plan(rig: Rig, get_fact: GetFact) -> list[BuildPlan]:
             cuda_install=install,
             targets=targets, keep_builds=engine.keep_builds,
             records_tag=engine.ref != commit and not engine.follow,
+            load_flags_file=rig.layout.load_flags_file(
+                name, build_key(commit, flags_hash(flags, release))),
         ))
     if problems:
         lines = "\n".join(f"  - {p}" for p in problems)

@@ -111,7 +111,7 @@ def plan(rig: Rig, engines: Mapping[str, BuildPlan],
         plans.append(ServicePlan(
             profile=profile, engine=p.engine, model=p.model, service=service_name(profile),
             unit_file=unit_path(service_name(profile)),
-            unit=units.llama_unit_context(rig, profile, model_path, binary),
+            unit=units.llama_unit_context(rig, profile, model_path, build.key),
             wanted_unit=layout.wanted_unit(profile), proven_unit=layout.proven_unit(profile),
             key_file=layout.key_file(profile),
             api_key=os.environ[p.api_key_env] if p.api_key_env else None,

@@ -117,12 +117,13 @@ def test_real_llama_cpp_serves_a_two_turn_tool_conversation(
             "models_lock": str(tmp_path / "inventory.lock.json")}
     # the library's load figures (buffer sizes) are logged at verbosity 4 in this tree
     data["profiles"]["qwen"]["extra_args"] = ["--log-verbosity", "4"]
-    # a second model, split in 3 shards, with 3 slots of their own KV streams and q8_0 K
+    # a second model, split in 3 shards, with 3 slots of their own KV streams and q8_0 K,
+    # not memory-mapped (this tree spells no_mmap --load-mode none: --no-mmap is refused)
     data["models"]["dense"] = {"repo": DENSE_REPO, "revision": "main", "quant": "F32"}
     data["profiles"]["dense"] = {
         "model": "dense", "engine": "llama", "port": PORT + 1, "alias": "dense",
         "ctx_size": 9216, "parallel": 3, "cache_type_k": "q8_0", "prove_tool_call": False,
-        "health_timeout_s": 120, "extra_args": ["--log-verbosity", "4"]}
+        "no_mmap": True, "health_timeout_s": 120, "extra_args": ["--log-verbosity", "4"]}
     inventory = module_fleet.write_inventory(tmp_path / "inventory.py", {"rig1": data})
     env = controller_env(tmp_path)
     locked = subprocess.run([sys.executable, "-m", "llm_garage.cli", "lock", str(inventory)],
@@ -152,6 +153,15 @@ def test_real_llama_cpp_serves_a_two_turn_tool_conversation(
     assert status2 == 200, turn2
     assert turn2["choices"][0]["message"]["role"] == "assistant"
 
+    # no_mmap as this build spells it: the build's load-flags.env, read by the unit
+    env_file = rig.ssh("cat /opt/llm-garage/builds/llama/current/load-flags.env").stdout
+    assert "GARAGE_NO_MMAP=--load-mode none\n" in env_file, env_file
+    unit = rig.ssh("cat /etc/systemd/system/llama-server-dense.service").stdout
+    assert " $GARAGE_NO_MMAP" in unit and "--no-mmap " not in unit.split("ExecStart=")[1]
+    dense_pid = service_pid(rig, "llama-server-dense.service")
+    argv = rig.ssh(f"tr '\\0' ' ' < /proc/{dense_pid}/cmdline").stdout
+    assert "--load-mode none" in argv and "--no-mmap" not in argv, argv
+
     # The bench against the real server: token counts from its /tokenize, its own timings.
     pid = service_pid(rig, "llama-server-qwen.service")
     out = subprocess.run([sys.executable, "-m", "llm_garage.cli", "bench", str(inventory),
@@ -180,7 +190,8 @@ def test_real_llama_cpp_serves_a_two_turn_tool_conversation(
     locked = Lock.load(tmp_path / "inventory.lock.json")
     settings, errors = load_rig("rig1", data)
     assert not errors, errors
-    for profile, files in (("qwen", 1), ("dense", 3)):
+    # memory-mapped, one model buffer per file; not mapped (dense), one for the CPU
+    for profile, files in (("qwen", 1), ("dense", 1)):
         layout = locked.layouts[profile]
         opts = fit.options_for(settings, profile)
         cpu = fit.plan(layout, opts).device("CPU")

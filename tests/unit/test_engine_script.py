@@ -39,6 +39,9 @@ int main(void) {
 #else
     fprintf(stderr, "version: %d (%s)\\nbuilt with cc\\n", BUILD_NUMBER, BUILD_COMMIT);
 #endif
+#ifdef LOAD_MODE  /* what later llama.cpp offers instead of --no-mmap and --mlock */
+    printf("-lm,   --load-mode MODE                 model loading mode (default: auto)\\n");
+#endif
     return ggml() ? 0 : 1;
 }
 """
@@ -137,6 +140,23 @@ def test_the_stamp_names_the_cuda_toolkit(garage):
     assert stamp(build_dir)["cuda_toolkit"] == "13.0.88"
     proc, build_dir, _ = garage.build("b1")
     assert stamp(build_dir)["cuda_toolkit"] == "none"
+
+
+def test_load_flags_follow_the_built_servers_help(garage):
+    options = ["--load-flags-file", "", "--load-flags-new", "X=--load-mode none\n",
+               "--load-flags-old", "X=--no-mmap\n"]
+    for key, flags, expected in (("a" * 12 + "-1111111111", [], "X=--no-mmap\n"),
+                                 ("b" * 12 + "-2222222222", ["-DCMAKE_C_FLAGS=-DLOAD_MODE"],
+                                  "X=--load-mode none\n")):
+        env_file = garage.root / "builds" / "llama" / key / "load-flags.env"
+        options[1] = str(env_file)
+        proc, build_dir, _ = garage.build("b2", key=key, cmake_args=flags, options=options)
+        assert proc.returncode == 0, proc.stderr
+        assert env_file.read_text() == expected
+        assert (build_dir / "stamp").stat().st_mtime >= env_file.stat().st_mtime
+    # without the option no file is written
+    proc, build_dir, _ = garage.build("b1")
+    assert proc.returncode == 0 and not (build_dir / "load-flags.env").exists()
 
 
 def test_configure_only_configures_and_stops(garage):

@@ -11,7 +11,7 @@ from pyinfra.api.util import get_template
 
 from llm_garage import units
 from llm_garage.layout import GPU_POWER_UNIT
-from llm_garage.settings import load_rig
+from llm_garage.settings import load_flags_env, load_rig
 from tasks import gpus as gpus_task
 from tasks import services as services_task
 
@@ -213,16 +213,42 @@ def test_profile_environment_mlock_key_and_home(monkeypatch):
     text = llama_unit(r, "p", "/home/me/models/m/m.gguf")
     lines = text.splitlines()
     assert [x for x in lines if x.startswith("Environment=")] == [
+        'Environment="GARAGE_MLOCK=--mlock"',  # the older spelling, for builds before the file
         'Environment="CUDA_DEVICE_ORDER=FASTEST_FIRST"',
         'Environment="CUDA_VISIBLE_DEVICES=1,0"',
         'Environment="GGML_CUDA_P2P=1"',
     ]
+    # the build's own spelling, read after (and so over) Environment=
+    assert "EnvironmentFile=-/opt/llm-garage/builds/llama/current/load-flags.env" in lines
     assert "LimitMEMLOCK=infinity" in lines
     assert "ProtectHome=read-only" in lines
     assert "LoadCredential=llama-api-key:/etc/llm-garage/llama-server-p.key" in lines
     exec_start = next(x for x in lines if x.startswith("ExecStart="))
-    assert exec_start.endswith(" --mlock --api-key-file ${CREDENTIALS_DIRECTORY}/llama-api-key")
-    assert "not-in-the-unit" not in text
+    assert exec_start.endswith(
+        " $GARAGE_MLOCK --api-key-file ${CREDENTIALS_DIRECTORY}/llama-api-key")
+    assert "--mlock " not in exec_start and "not-in-the-unit" not in text
+
+
+@pytest.mark.parametrize("no_mmap, mlock, variable, old, new", [
+    (True, False, "GARAGE_NO_MMAP", ["--no-mmap"], ["--load-mode", "none"]),
+    (False, True, "GARAGE_MLOCK", ["--mlock"], ["--load-mode", "mmap+mlock"]),
+    (True, True, "GARAGE_NO_MMAP_MLOCK", ["--no-mmap", "--mlock"], ["--load-mode", "mlock"]),
+])
+def test_load_flags_name_the_builds_spelling(no_mmap, mlock, variable, old, new):
+    r = rig(profile={"no_mmap": no_mmap, "mlock": mlock})
+    ctx = units.llama_unit_context(r, "p", "/srv/models/m/m.gguf", "abc-def")
+    assert ctx["exec_start"].split()[-1] == f"${variable}"
+    assert ctx["load_flags_file"] == "/opt/llm-garage/builds/llama/abc-def/load-flags.env"
+    # what garage-build writes for either kind of llama-server, as systemd splits $VAR
+    for load_mode, words in ((True, new), (False, old)):
+        env = dict(line.split("=", 1) for line in load_flags_env(load_mode).splitlines())
+        assert env[variable].split() == words
+    # the check and the rig document show the older spelling, the digest stays as it was
+    assert r.server_args("p", "/m.gguf")[-len(old):] == old
+    # nothing to read for a profile that sets neither
+    plain = units.llama_unit_context(rig(), "p", "/srv/models/m/m.gguf")
+    assert plain["load_flags_file"] is None and "$" not in plain["exec_start"]
+
 
 
 def test_model_outside_its_model_dir_is_read_only_too():
