@@ -166,14 +166,16 @@ class RpcServers:
 
 
 LOADED = ("listening on http", "server is listening")
-BUFFER = re.compile(r"(\S+) (model|KV) buffer size = +([\d.]+) MiB")
+BUFFER = re.compile(r"(\S+) (model|KV|RS) buffer size = +([\d.]+) MiB")
+FIGURE = {"model": "weights", "KV": "kv", "RS": "state"}  # what each buffer holds
 
 
-def load(made: RpcBuild, model: Path, servers: RpcServers, args: list[str], log: Path,
-         timeout: float = 180) -> str:
-    """Start llama-server on `model` with the RPC devices and `args`, wait until it has
-    loaded (or exited), stop it; its log."""
-    argv = [str(made.server), "--rpc", ",".join(servers.endpoints), "-m", str(model),
+def load(made: RpcBuild, model: Path, servers: RpcServers | None, args: list[str],
+         log: Path, timeout: float = 180) -> str:
+    """Start llama-server on `model` with the RPC devices (none: the CPU only) and `args`,
+    wait until it has loaded (or exited), stop it; its log."""
+    devices = ["--rpc", ",".join(servers.endpoints)] if servers else []
+    argv = [str(made.server), *devices, "-m", str(model),
             "--host", "127.0.0.1", "--port", str(free_port()), "--no-warmup", "-t", "1",
             "--log-verbosity", "4", *args]
     with open(log, "w") as f:
@@ -199,14 +201,15 @@ def load(made: RpcBuild, model: Path, servers: RpcServers, args: list[str], log:
     return log.read_text(errors="replace")
 
 
-def device_figures(text: str, servers: RpcServers) -> dict[str, dict[str, float]]:
+def device_figures(text: str, servers: RpcServers | None) -> dict[str, dict[str, float]]:
     """Per device, in MiB: `weights` (every model buffer, summed: one per file or buffer
-    type) and `kv`, and how many logged figures each sum holds (`weights_n`, `kv_n`: the log
-    rounds each to 0.01 MiB). RPC device i (in --rpc order) is named CUDA<i>, as the plan
+    type), `kv` and `state` (a hybrid model's recurrent state, the RS buffers), and how many
+    logged figures each sum holds (`weights_n`, `kv_n`, `state_n`: the log rounds each to
+    0.01 MiB). RPC device i (in --rpc order) is named CUDA<i>, as the plan
     names the i-th GPU; CPU, CPU_Mapped, CPU_REPACK … are CPU."""
-    by_endpoint = {ep: f"CUDA{i}" for i, ep in enumerate(servers.endpoints)}
+    by_endpoint = {ep: f"CUDA{i}" for i, ep in enumerate(servers.endpoints if servers else ())}
     out: dict[str, dict[str, float]] = defaultdict(
-        lambda: {"weights": 0.0, "kv": 0.0, "weights_n": 0, "kv_n": 0})
+        lambda: {key: 0 for name in FIGURE.values() for key in (name, f"{name}_n")})
     for name, kind, mib in BUFFER.findall(text):
         m = re.fullmatch(r"RPC\d+\[(.+)\]", name)
         if m:
@@ -215,7 +218,7 @@ def device_figures(text: str, servers: RpcServers) -> dict[str, dict[str, float]
             device = "CPU"
         else:
             raise ValueError(f"a buffer on an unexpected device: {name}")
-        key = "weights" if kind == "model" else "kv"
+        key = FIGURE[kind]
         out[device][key] += float(mib)
         out[device][f"{key}_n"] += 1
     return dict(out)

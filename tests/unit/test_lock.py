@@ -258,7 +258,7 @@ def gguf_hub(tmp_path):
     from lab.standins.gguf_gen import write_hybrid_model, write_tiny_model
 
     files = {f"Q4/{p.name}": p for p in write_hybrid_model(tmp_path / "H-Q4.gguf",
-                                                             split_max_tensors=20)}
+                                                             split_max_tensors=40)}
     server = HFServer(page_size=50)
     server.add_repo("acme/Hybrid-GGUF", files, lfs=True)
     server.add_repo("acme/Tiny-GGUF", {"T-Q8_0.gguf": write_tiny_model(tmp_path / "t.gguf")})
@@ -348,20 +348,22 @@ def test_check_prints_the_memory_plan_and_refuses_what_does_not_fit(gguf_hub, tm
     # 9 layers (8 blocks + output) split 1:1: i/9 < 0.5 for blocks 0-4
     assert "CUDA0 (GPU 0)        5" in check.stdout and "CUDA1 (GPU 1)    3+out" in check.stdout
 
-    rig["gpu_memory_mib"] = [1, 8]
+    rig["gpu_memory_mib"] = [2, 8]
     write(rig)
     check = run("check")
     assert check.returncode == 1
     assert "1 profile(s) would run out of memory (found before any download" in check.stderr
     fix = re.search(r"rig1: profile h does not fit: CUDA0 \(GPU 0\) needs \d\.\d MiB of "
-                    r"memory but has 1\.0 MiB \(gpu_memory_mib 1\): \d\.\d MiB short; it fits "
-                    r"with any one of: ctx_size: (\d+) \| tensor_split: \[(\d), (\d)\]$",
+                    r"memory but has 2\.0 MiB \(gpu_memory_mib 2\): \d\.\d MiB short; it fits "
+                    r"with any one of: ctx_size: (\d+) \| tensor_split: \[(\d), (\d)\]"
+                    r"(?: \| n_cpu_moe: (\d+))?$",
                     check.stderr.strip())
     assert fix, check.stderr
     # each suggestion fits, as the plan computes it; one more step of context does not
     ctx, ts = int(fix[1]), [int(fix[2]), int(fix[3])]
+    cpu_moe = [({"n_cpu_moe": int(fix[4])}, 0)] if fix[4] else []
     for change, code in (({"ctx_size": ctx}, 0), ({"ctx_size": ctx + 256}, 1),
-                         ({"tensor_split": ts}, 0)):
+                         ({"tensor_split": ts}, 0), *cpu_moe):
         write({**rig, "profiles": {"h": {**profile, **change}}})
         assert run("check").returncode == code, (change, code)
     write(rig)

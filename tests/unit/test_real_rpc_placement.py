@@ -4,9 +4,10 @@ Real llama.cpp (the tree lab.standins.real_llama gives, b7001) built CPU-only wi
 GGML_RPC=ON (lab.rpc_engine); three local ggml-rpc-server processes on the CPU backend act as
 three GPUs, in the order --rpc lists them. Real llama-server loads small GGUF models made with
 lab.standins.gguf_gen across them with -ngl, -ts, -ot, --cpu-moe and --n-cpu-moe, and logs a
-model buffer and a KV buffer per device; fit.plan, fed the models' own headers and the same
-flags, must give every device the same weights and KV (1 %, or the log's rounding to 0.01 MiB
-per figure).
+model buffer, a KV buffer and (hybrid models) a recurrent-state buffer per device; fit.plan,
+fed the models' own headers and the same flags, must give every device the same weights, KV
+and state (1 %, or the log's rounding to 0.01 MiB per figure). The hybrid model also loads on
+the CPU alone (no --rpc), as on a rig without GPUs.
 
 ccache lives outside the clone ($GARAGE_RPC_CCACHE, default /var/cache/llm-garage/rpc-ccache):
 the build takes about 19 minutes cold on 2 busy cores, about 2 minutes warm; the loads take a
@@ -23,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from lab import rpc_engine
-from lab.standins.gguf_gen import write_split_model, write_tiny_model
+from lab.standins.gguf_gen import write_hybrid_model, write_split_model, write_tiny_model
 from lab.standins.real_llama import ensure_real_llama
 from llm_garage import fit, gguf_header
 from llm_garage.fit import MIB, Options
@@ -55,6 +56,15 @@ def dense(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def hybrid(tmp_path_factory):
+    """A Qwen3.5 MoE (qwen35moe) of 8 blocks: full attention in blocks 3 and 7, gated delta
+    net linear attention (recurrent state) in the others, 4 experts and a shared one."""
+    return write_hybrid_model(tmp_path_factory.mktemp("hybrid") / "Hybrid-F32.gguf",
+                              n_embd=256, key_length=64, n_ff_exp=128, vocab=1024,
+                              state_size=32, v_heads=8, group_count=4)
+
+
+@pytest.fixture(scope="module")
 def moe(tmp_path_factory):
     """A llama mixture of 4 experts, 4 blocks, one file."""
     return [write_tiny_model(tmp_path_factory.mktemp("moe") / "Moe-F32.gguf", n_layers=4,
@@ -72,6 +82,7 @@ def compare(engine, files: list[Path], tmp_path: Path, args: list[str], opts: Op
     """Load `files` on the RPC devices with `args`; every device's weights and KV as the
     plan has them for `opts` must match the engine's."""
     made, servers = engine
+    servers = servers if opts.gpus else None  # no GPUs: the CPU alone, without --rpc
     text = rpc_engine.load(made, files[0], servers, args, tmp_path / f"{name}.log")
     reported = rpc_engine.device_figures(text, servers)
     lines = [line for line in text.splitlines() if "buffer size" in line]
@@ -81,10 +92,11 @@ def compare(engine, files: list[Path], tmp_path: Path, args: list[str], opts: Op
     log.info("%s: llama-server %s\n%s\nplan:\n%s", name, " ".join(args), "\n".join(lines),
              "\n".join(fit.table(planned)))
     for device in planned.devices:
-        got = reported.get(device.name, {"weights": 0.0, "kv": 0.0, "weights_n": 0, "kv_n": 0})
-        for key, value in (("weights", device.weights), ("kv", device.kv)):
-            figure = got[key]
-            slack = max(0.01 * figure, 0.005 * max(got[f"{key}_n"], 1))
+        got = reported.get(device.name, {})
+        for key, value in (("weights", device.weights), ("kv", device.kv),
+                           ("state", device.recurrent)):
+            figure = got.get(key, 0.0)
+            slack = max(0.01 * figure, 0.005 * max(got.get(f"{key}_n", 0), 1))
             assert abs(value / MIB - figure) <= slack, (
                 f"{name}: {device.name} {key}: plan {value / MIB:.4f} MiB, "
                 f"engine {figure:.2f} MiB", lines)
@@ -136,3 +148,29 @@ def test_expert_overrides_per_device(engine, moe, tmp_path):
     engine_rules = [r.replace("CUDA0", servers.buffer_type(0)) for r in rules]
     compare(engine, moe, tmp_path, [*args, "-ot", engine_rules[0], "-ot", engine_rules[1]],
             replace(base, override_tensor=rules), "ot")
+
+
+def test_hybrid_kv_on_attention_layers_and_recurrent_state_per_device(engine, hybrid, tmp_path):
+    # 9 layers over 3 devices: blocks 0-2 (recurrent), 3-5 (3 is attention), 6-7 + output
+    # (7 is attention); the KV follows the attention layers, the state the others; 4 slots
+    p = compare(engine, hybrid, tmp_path, ["-ngl", "99", "-ts", "1,1,1", "-c", "4096"],
+                Options(gpus=gpus(), n_gpu_layers=99, tensor_split=[1, 1, 1], ctx_size=4096,
+                        parallel=4), "hybrid-ts-1-1-1")
+    assert [d.kv > 0 for d in p.gpus] == [False, True, True]
+    assert all(d.recurrent > 0 for d in p.gpus)
+    # 2 slots, not unified (a KV stream per slot); the first 3 blocks' experts on the CPU,
+    # not memory-mapped so the CPU's buffer is exactly its tensors
+    compare(engine, hybrid, tmp_path,
+            ["-ngl", "99", "-ts", "2,1,1", "-c", "4096", "-np", "2", "--n-cpu-moe", "3",
+             "--load-mode", "none"],
+            Options(gpus=gpus(), n_gpu_layers=99, tensor_split=[2, 1, 1], ctx_size=4096,
+                    parallel=2, n_cpu_moe=3, kv_unified=False, weights_in_ram=True),
+            "hybrid-np2-n-cpu-moe-3")
+
+
+def test_hybrid_on_the_cpu_alone(engine, hybrid, tmp_path):
+    p = compare(engine, hybrid, tmp_path, ["-c", "8192", "-np", "3", "-ctk", "q8_0",
+                                           "--load-mode", "none"],
+                Options(ctx_size=8192, parallel=3, cache_type_k="q8_0", kv_unified=False,
+                        weights_in_ram=True), "hybrid-cpu")
+    assert p.device("CPU").recurrent > 0 and p.device("CPU").kv > 0
