@@ -367,13 +367,14 @@ def _opencode(data) -> list[str]:
 
 def load_flags_by_hand(build_dir: str, path: str | None) -> list[str]:
     """What garage-build writes to a build's load-flags.env (settings.LOAD_FLAGS), as a shell
-    line: the spelling of no_mmap/mlock the built llama-server's --help offers."""
+    line: the spelling of no_mmap/mlock the built llama-server's --help offers (grep reads
+    all of it: with -q it could stop early and, under pipefail, fail the pipe)."""
     if not path:
         return []
     q = shlex.quote
     binary, env = q(f"{build_dir}/bin/llama-server"), q(path)
     return ["# how this llama-server spells no_mmap/mlock (the units read this file)",
-            f"if {binary} --help 2>&1 | grep -q -e --load-mode; then printf %s "
+            f"if {binary} --help 2>&1 | grep -e --load-mode >/dev/null; then printf %s "
             f"{q(load_flags_env(True))} > {env}; else printf %s {q(load_flags_env(False))} "
             f"> {env}; fi"]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import shlex
 import subprocess
 
 import pytest
@@ -20,7 +21,7 @@ from llm_garage.facts.rigdoc import (
 from llm_garage.hf import RemoteFile, Resolved, Spec
 from llm_garage.plans.engines import BuildPlan
 from llm_garage.plans.models import ModelPlan
-from llm_garage.settings import flags_hash, load_rig
+from llm_garage.settings import flags_hash, load_flags_env, load_rig
 
 COMMIT = "c5a2ac1" + "0" * 33
 SHA_A, SHA_B = "a" * 64, "b" * 64
@@ -341,3 +342,23 @@ def test_a_pinned_toolkit_names_its_release_folder_index_and_wheels():
     plain = rigdoc.render(_data())
     assert "- CUDA compiler: `/usr/local/cuda/bin/nvcc`\n" in plain
     assert "CUDA toolkit installed by llm-garage" not in plain
+
+
+@pytest.mark.parametrize("help_text, load_mode", [
+    ("-lm,   --load-mode MODE   model loading mode", True),
+    ("--no-mmap   do not memory-map the model\n--mlock   keep the model in RAM", False),
+])
+def test_by_hand_load_flags_follow_the_servers_help(tmp_path, help_text, load_mode):
+    build = tmp_path / "build"
+    (build / "bin").mkdir(parents=True)
+    server = build / "bin" / "llama-server"
+    # a long help, so a reader that stops early would leave the writer a broken pipe
+    server.write_text("#!/bin/sh\nprintf '%s\\n' " + shlex.quote(help_text)
+                      + "\nseq 1 100000\n")
+    server.chmod(0o755)
+    env_file = build / "load-flags.env"
+    lines = rigdoc.load_flags_by_hand(str(build), str(env_file))
+    assert lines[0].startswith("# ")
+    subprocess.run(["bash", "-e", "-o", "pipefail", "-c", lines[1]], check=True)
+    assert env_file.read_text() == load_flags_env(load_mode)
+    assert rigdoc.load_flags_by_hand(str(build), None) == []
