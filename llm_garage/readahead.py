@@ -1,18 +1,20 @@
-"""Facts read ahead: one command per rig reads what our operations are about to read.
+"""Facts read ahead: one command per rig reads what the plans and our operations will read.
 
-pyinfra reads a fact with one command each time an operation asks for it, when the operation
+pyinfra reads a fact with one command each time it is asked for, and an operation asks when it
 runs, so that it sees what earlier operations changed; a no-op deploy thus pays one round
-trip per fact read. Our operations declare, when a task adds them, which facts they will read
-(`reads_ahead`). When an operation first reads a declared fact (`read`), every declared fact
-of that rig that an operation still has to read is read in one shell command, each between
+trip per fact read. Here the tasks declare the facts their plans read while the deploy is
+prepared (`declare(..., while_prepared=True)`), and our operations, when a task adds them,
+the facts they will read when they run (`reads_ahead`). The first `read` of a declared fact
+reads every declared fact still to be read in that phase in one shell command, each between
 markers carrying its exit status.
 
 An answer is used only while no operation has run a command on that rig since it was read
-(pyinfra's own record of each finished operation's commands), so every operation still
-decides from the rig's state as it is: after a change, the next read reads again, in one
-command, what is still to be read. A fact that failed, could not be processed or was not
-declared, and a read after the operation has run a command of its own, go to pyinfra's
-`host.get_fact` as before. Reads must come before the operation's first command."""
+(pyinfra's own record of each finished operation's commands), and answers read while the
+deploy was prepared are not used once it runs (another deploy may hold the rig until then),
+so every operation still decides from the rig's state as it is: after a change, the next
+read reads again, in one command, what is still to be read. A fact that failed or could not
+be processed in a batch, or was not declared, is read by pyinfra's `host.get_fact` as before.
+An operation must read before it yields its first command."""
 
 from __future__ import annotations
 
