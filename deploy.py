@@ -7,7 +7,7 @@ it with its message alone, before anything runs on any rig (llm_garage/refusal.p
 
 from pyinfra import host
 
-from llm_garage import deploy_lock
+from llm_garage import deploy_lock, readahead
 from llm_garage.fleet import fleet_for, rig_for
 from llm_garage.refusal import refusals_end_the_run
 from tasks import base, docs, engines, gpus, memory, models, opencode, services
@@ -19,6 +19,9 @@ with refusals_end_the_run():
     deploy_lock.hold(host.state, {name: (r.layout.deploy_lock, r.data.deploy_lock_wait_s)
                                   for name, r in fleet_for(host.state).items()})
 
+    # What the plans below read on the rig, in one command (llm_garage/readahead.py).
+    readahead.declare(host, [*memory.reads(rig), *engines.reads(rig), *gpus.reads(rig)],
+                      while_prepared=True)
     memory.check(rig)  # a profile that cannot fit stops the run before anything changes
     base.prepare(rig)
     engine_plans, engine_changes = engines.converge(rig)

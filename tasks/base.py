@@ -1,31 +1,20 @@
 """What every rig needs before anything else: the service user, the folders we own and the
 scripts our operations run on the rig."""
 
-from pyinfra import host
 from pyinfra.api import deploy
-from pyinfra.facts.deb import DebPackages
-from pyinfra.operations import apt
 
 from llm_garage.layout import RIG_SCRIPTS, script_source
-from llm_garage.operations import paths
+from llm_garage.operations import packages, paths
 from llm_garage.settings import Rig
 
 # Tools our own operations run on the rig (downloader, stamps, health checks).
 BASE_PACKAGES = ["python3", "curl", "ca-certificates", "openssl", "git"]
 
 
-def install_packages(name: str, packages: list[str]) -> None:
-    """apt-get install what is missing, after an `apt-get update` only then: a fresh rig may
-    have no package lists, or lists older than its mirror, and a no-op run fetches nothing."""
-    installed = host.get_fact(DebPackages)
-    missing = [p for p in packages if p not in installed]
-    apt.packages(name=name, packages=packages, update=bool(missing))
-
-
 @deploy("Base")
 def prepare(rig: Rig) -> None:
     d, layout = rig.data, rig.layout
-    install_packages("Install base tools", BASE_PACKAGES)
+    packages.installed(name="Install base tools", packages=BASE_PACKAGES)
     # Its groups, the user and its home folder: one operation, one command when in place.
     paths.service_account(name=f"Ensure service user {d.service_user} and its groups",
                           user=d.service_user, groups=d.service_groups,

@@ -8,16 +8,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from pyinfra import host
 from pyinfra.api import deploy
 from pyinfra.api.operation import OperationMeta
 
+from llm_garage import readahead
 from llm_garage.operations import engine as ops
-from llm_garage.operations import paths
+from llm_garage.operations import packages, paths
 from llm_garage.plans import engines as engine_plan
 from llm_garage.plans.engines import BuildPlan
 from llm_garage.settings import Rig
-from tasks.base import install_packages
 
 BUILD_PACKAGES = ["build-essential", "cmake", "git", "ccache", "libssl-dev"]
 
@@ -45,9 +44,9 @@ def converge(rig: Rig) -> tuple[dict[str, BuildPlan], dict[str, list[OperationMe
 def prepare(rig: Rig) -> list[BuildPlan]:
     """The plan (every check made), then what every build needs: the build tools, the
     folders and each pinned CUDA toolkit, installed once for all the engines using it."""
-    plans = engine_plan.plan(rig, host.get_fact)
+    plans = engine_plan.plan(rig, readahead.read)
     layout = rig.layout
-    install_packages("Install build tools", BUILD_PACKAGES)
+    packages.installed(name="Install build tools", packages=BUILD_PACKAGES)
     paths.folders(name="Ensure " + ", ".join(layout.engine_dirs), paths=layout.engine_dirs,
                   user="root", group="root", mode="755")
     installs = {plan.cuda_install.pin: plan.cuda_install for plan in plans if plan.cuda_install}
@@ -56,6 +55,11 @@ def prepare(rig: Rig) -> list[BuildPlan]:
                               f"{install.toolkit_dir}", install=install,
                          script=layout.script("garage-cuda"))
     return plans
+
+
+def reads(rig: Rig) -> list:
+    """What the engines' plan reads on the rig while the deploy is prepared."""
+    return engine_plan.reads(rig)
 
 
 @deploy("Engines proven")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pyinfra import host, logger
 
-from llm_garage import fit
+from llm_garage import fit, readahead
 from llm_garage.facts.memory import RigMemory
 from llm_garage.plans import models as model_plan
 from llm_garage.refusal import Refusal
@@ -21,6 +21,11 @@ from llm_garage.settings import Rig
 
 class MemoryPlanError(Refusal):
     """An enabled profile would run out of memory on this rig."""
+
+
+def reads(rig: Rig) -> list:
+    """What `check` reads on the rig (when the lock plans a profile)."""
+    return [(RigMemory, {})] if rig.enabled_profiles else []
 
 
 def check(rig: Rig) -> None:
@@ -36,7 +41,7 @@ def check(rig: Rig) -> None:
     checked = [(name, p) for name, p in profiles if p.model in layouts]
     if not checked:
         return
-    memory = host.get_fact(RigMemory)
+    memory = readahead.read(RigMemory)
     refusals = []
     for name, p in checked:
         layout = layouts[p.model]

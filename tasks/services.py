@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from pyinfra.api import deploy
 from pyinfra.api.operation import OperationMeta
-from pyinfra.operations import files, systemd
+from pyinfra.operations import systemd
 
 from llm_garage import units
 from llm_garage.layout import (
@@ -23,7 +23,7 @@ from llm_garage.layout import (
     SERVICE_STATE_SUFFIXES,
     UNIT_DIR,
 )
-from llm_garage.operations import services
+from llm_garage.operations import paths, services
 from llm_garage.plans import services as service_plan
 from llm_garage.settings import Rig
 
@@ -56,10 +56,9 @@ def converge(rig: Rig, engines: Mapping[str, BuildPlan], models: Mapping[str, Mo
         services.secret_file(name=f"API key of {plan.service}", path=plan.key_file,
                              content=plan.api_key + "\n" if plan.api_key else None)
         # Rendered beside the unit; the proof step installs it (and rolls it back).
-        files.template(name=f"Wanted unit {plan.service}", src=UNIT_TEMPLATE,
-                       dest=plan.wanted_unit, user="root", group="root", mode="644",
-                       create_remote_dir=False,
-                       jinja_env_kwargs=dict(units.TEMPLATE_OPTIONS), unit=plan.unit)
+        paths.text_installed(name=f"Wanted unit {plan.service}", path=plan.wanted_unit,
+                             text=units.render(UNIT_TEMPLATE, plan.unit), user="root",
+                             group="root", mode="644")
     systemd.daemon_reload(name="Reload systemd (llama-server units removed)",
                           _if=pruned.did_change)
     checks: dict[str, OperationMeta] = {}

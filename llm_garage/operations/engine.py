@@ -12,9 +12,11 @@ from pyinfra import host, logger
 from pyinfra.api import FunctionCommand, QuoteString, StringCommand, operation
 from pyinfra.api.exceptions import OperationError
 
+from llm_garage import readahead
 from llm_garage.facts.engine import CudaToolkitStamp, EngineBuilds, PinRecords, pin_record_line
 from llm_garage.plans.engines import BuildPlan, CudaInstall
 from llm_garage.progress import streamed
+from llm_garage.readahead import reads_ahead
 from llm_garage.settings import load_flags_env
 
 
@@ -64,6 +66,7 @@ def cuda_command(install: CudaInstall, script: str) -> StringCommand:
     return StringCommand(*bits)
 
 
+@reads_ahead(lambda install, **_: [(CudaToolkitStamp, {"path": install.stamp_path})])
 @operation()
 def cuda_toolkit(install: CudaInstall, script: str):
     """
@@ -84,7 +87,7 @@ def cuda_toolkit(install: CudaInstall, script: str):
         engine.cuda_toolkit(name="Install CUDA 13.0", install=plan.cuda_install,
                             script="/opt/llm-garage/bin/garage-cuda")
     """
-    if host.get_fact(CudaToolkitStamp, path=install.stamp_path) == install.stamp:
+    if readahead.read(CudaToolkitStamp, path=install.stamp_path) == install.stamp:
         host.noop(f"CUDA {install.wheels.release} is already installed in {install.toolkit_dir}")
         return
     yield cuda_command(install, script)
@@ -133,6 +136,7 @@ def _report(state, host, plan: BuildPlan) -> bool:
     return True
 
 
+@reads_ahead(lambda plan, **_: [(EngineBuilds, {"builds_dir": plan.builds_dir})])
 @operation()
 def build(plan: BuildPlan, script: str):
     """
@@ -153,7 +157,7 @@ def build(plan: BuildPlan, script: str):
 
         engine.build(name="Build llama", plan=plan, script="/opt/llm-garage/bin/garage-build")
     """
-    builds = host.get_fact(EngineBuilds, builds_dir=plan.builds_dir)
+    builds = readahead.read(EngineBuilds, builds_dir=plan.builds_dir)
     have = builds["builds"].get(plan.key)
     if have and have["stamp"] == plan.stamp:
         host.noop(f"{plan.engine} {plan.commit[:12]} is already built in {plan.build_dir}")
@@ -163,6 +167,7 @@ def build(plan: BuildPlan, script: str):
     yield FunctionCommand(_report, (plan,), {})
 
 
+@reads_ahead(lambda builds_dir, **_: [(EngineBuilds, {"builds_dir": builds_dir})])
 @operation()
 def switch(builds_dir: str, key: str):
     """
@@ -179,7 +184,7 @@ def switch(builds_dir: str, key: str):
 
         engine.switch(builds_dir="/opt/llm-garage/builds/llama", key="0123456789ab-a1b2c3d4e5")
     """
-    builds = host.get_fact(EngineBuilds, builds_dir=builds_dir)
+    builds = readahead.read(EngineBuilds, builds_dir=builds_dir)
     if builds["current"] == key:
         host.noop(f"{builds_dir}/current is already {key}")
         return
@@ -209,6 +214,7 @@ def builds_to_prune(builds: dict, keep: int, wanted: str) -> list[str]:
     return sorted(finished[slots:] + unfinished)
 
 
+@reads_ahead(lambda builds_dir, **_: [(EngineBuilds, {"builds_dir": builds_dir})])
 @operation()
 def prune(builds_dir: str, keep: int, wanted: str):
     """
@@ -224,7 +230,7 @@ def prune(builds_dir: str, keep: int, wanted: str):
 
         engine.prune(builds_dir="/opt/llm-garage/builds/llama", keep=3, wanted=key)
     """
-    builds = host.get_fact(EngineBuilds, builds_dir=builds_dir)
+    builds = readahead.read(EngineBuilds, builds_dir=builds_dir)
     doomed = builds_to_prune(builds, keep, wanted)
     if not doomed:
         host.noop(f"{len(builds['builds'])} build(s) in {builds_dir}, keeping up to {keep}")
@@ -233,6 +239,7 @@ def prune(builds_dir: str, keep: int, wanted: str):
         yield StringCommand("rm", "-rf", QuoteString(f"{builds_dir}/{key}"))
 
 
+@reads_ahead(lambda path, **_: [(PinRecords, {"path": path})])
 @operation()
 def record_pin(path: str, remote: str, tag: str, commit: str):
     """
@@ -251,7 +258,7 @@ def record_pin(path: str, remote: str, tag: str, commit: str):
                           remote="https://github.com/ggml-org/llama.cpp.git",
                           tag="b8137", commit=sha)
     """
-    recorded = host.get_fact(PinRecords, path=path).get((remote, tag))
+    recorded = readahead.read(PinRecords, path=path).get((remote, tag))
     if recorded == commit:
         host.noop(f"tag {tag} of {remote} is recorded as {commit[:12]}")
         return

@@ -7,7 +7,9 @@ import dataclasses
 from pyinfra import host
 from pyinfra.api import QuoteString, StringCommand, operation
 
+from llm_garage import readahead
 from llm_garage.facts.gpu import Gpu, GpuTable
+from llm_garage.readahead import reads_ahead
 from llm_garage.refusal import Refusal
 
 # nvidia-smi reports limits to the hundredth of a watt, and some drivers round what they were
@@ -72,6 +74,7 @@ def plan_power(host_name: str, gpu_count: int, limits: list[float] | None, persi
     return changes
 
 
+@reads_ahead(lambda **_: [(GpuTable, {})])
 @operation()
 def power_settings(gpu_count: int, limits: list[float] | None = None, persistence: bool = True,
                    nvidia_smi: str = "nvidia-smi"):
@@ -94,7 +97,7 @@ def power_settings(gpu_count: int, limits: list[float] | None = None, persistenc
 
         gpu.power_settings(name="GPU power", gpu_count=6, limits=[350.0] * 6)
     """
-    table = host.get_fact(GpuTable)
+    table = readahead.read(GpuTable)
     try:
         changes = plan_power(host.name, gpu_count, limits, persistence, table)
     except GpuError as e:

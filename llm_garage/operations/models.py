@@ -29,7 +29,7 @@ from pyinfra import host, logger
 from pyinfra.api import FunctionCommand, QuoteString, StringCommand, operation
 from pyinfra.api.exceptions import OperationError
 
-from llm_garage import hf
+from llm_garage import hf, readahead
 from llm_garage.facts.models import (
     MANAGED_MARKER,
     STAMP_DIR,
@@ -42,6 +42,7 @@ from llm_garage.facts.models import (
 )
 from llm_garage.layout import blob_path
 from llm_garage.progress import streamed
+from llm_garage.readahead import reads_ahead
 
 
 def _fetch_command(python: str, fetcher: str, path: str, snapshot: str, blobs: str,
@@ -100,6 +101,13 @@ def _still_to_fetch(state: FolderState, files: list[dict], indexes: list[int]) -
     return need
 
 
+def _files_read(path: str, snapshot: str, blobs: str, files: list[dict]) -> dict:
+    return {"path": path, "snapshot": snapshot, "blobs": blobs,
+            "files": [(f["name"], f["sha256"]) for f in files]}
+
+
+@reads_ahead(lambda path, snapshot, blobs, files, **_: [
+    (ModelFiles, _files_read(path, snapshot, blobs, files))])
 @operation()
 def model_files(path: str, snapshot: str, blobs: str, files: list[dict], fetcher: str,
                 auth_origin: str | None = None, verify: bool = False, check_only: bool = False,
@@ -135,8 +143,7 @@ def model_files(path: str, snapshot: str, blobs: str, files: list[dict], fetcher
             fetcher="/opt/llm-garage/bin/garage-fetch", auth_origin="https://huggingface.co",
         )
     """
-    state: FolderState = host.get_fact(ModelFiles, path=path, snapshot=snapshot, blobs=blobs,
-                                       files=[(f["name"], f["sha256"]) for f in files])
+    state: FolderState = readahead.read(ModelFiles, **_files_read(path, snapshot, blobs, files))
     # The download step trusts any matching stamp: the check step before it verifies.
     trusted, unverified, download, unlinked = _plan(state, blobs, files, verify and check_only)
     total = hf.human_size(sum(f["size"] for f in files))
@@ -204,6 +211,9 @@ def _under(path: str, prefixes: list[str]) -> bool:
     return any(path == p or path.startswith(p.rstrip("/") + "/") for p in prefixes)
 
 
+@reads_ahead(lambda models_dir, blobs, models, prune_folders=False, **_: [
+    (ModelStore, {"models_dir": models_dir, "blobs": blobs, "folders": sorted(models)}),
+    *([(ManagedModelFolders, {"models_dir": models_dir})] if prune_folders else [])])
 @operation()
 def store_pruned(models_dir: str, blobs: str, models: dict[str, str], wanted: list[str],
                  keep_revisions: int, unit_files: list[str], fetcher: str,
@@ -226,7 +236,7 @@ def store_pruned(models_dir: str, blobs: str, models: dict[str, str], wanted: li
     + prune_folders: also delete model folders no model names (``models_prune``)
     + python: the rig's Python 3
     """
-    store = host.get_fact(ModelStore, models_dir=models_dir, blobs=blobs, folders=sorted(models))
+    store = readahead.read(ModelStore, models_dir=models_dir, blobs=blobs, folders=sorted(models))
     # candidates: (what, the paths a unit would name, the paths to delete)
     candidates: list[tuple[str, list[str], list[str]]] = []
     for folder, current in sorted(models.items()):
@@ -242,7 +252,7 @@ def store_pruned(models_dir: str, blobs: str, models: dict[str, str], wanted: li
     folders: set[str] = set()
     if prune_folders:
         keep = {m.rstrip("/") for m in models}
-        folders = {folder for folder in host.get_fact(ManagedModelFolders, models_dir=models_dir)
+        folders = {folder for folder in readahead.read(ManagedModelFolders, models_dir=models_dir)
                    if folder.rstrip("/") not in keep}
         candidates += [(folder, [f"{folder}/"], [folder]) for folder in sorted(folders)]
     needles = sorted({n for _, names, _ in candidates for n in names})

@@ -8,14 +8,16 @@ from collections.abc import Callable, Mapping
 from pyinfra import host
 from pyinfra.api import QuoteString, StringCommand, operation
 
-from llm_garage import opencode
+from llm_garage import opencode, readahead
 from llm_garage.facts.opencode import ConfigFile
 from llm_garage.operations.services import private_upload
+from llm_garage.readahead import reads_ahead
 
 _MAKE_DIRS = ('mk() { [ -d "$1" ] && return 0; mk "$(dirname "$1")" "$2" && '
               'install -d -m 755 -o "$2" -g "$(id -gn "$2")" "$1"; }; mk "$1" "$2"')
 
 
+@reads_ahead(lambda path, **_: [(ConfigFile, {"path": path})])
 @operation()
 def config_merged(path: str,
                   providers: Mapping[str, dict] | Callable[[Mapping | None], Mapping[str, dict]],
@@ -45,7 +47,7 @@ def config_merged(path: str,
         opencode.config_merged(name="opencode.json", path="/root/.config/opencode/opencode.json",
                                providers=providers, prefix="llm-garage", owner="root")
     """
-    current = host.get_fact(ConfigFile, path=path)
+    current = readahead.read(ConfigFile, path=path)
     real = current["real"] or path
     existing = None
     if current["text"] is not None:

@@ -6,12 +6,15 @@ from __future__ import annotations
 import hashlib
 import posixpath
 from collections.abc import Mapping, Sequence
+from io import BytesIO
 
 from pyinfra import host
 from pyinfra.api import FileUploadCommand, QuoteString, StringCommand, operation
 from pyinfra.api.exceptions import OperationError
 
+from llm_garage import readahead
 from llm_garage.facts.paths import PathStates, ServiceAccount
+from llm_garage.readahead import reads_ahead
 
 
 def _owner_and_mode(path: str, have: dict, user: str, group: str, mode: str):
@@ -22,6 +25,7 @@ def _owner_and_mode(path: str, have: dict, user: str, group: str, mode: str):
         yield StringCommand("chmod", mode, "--", QuoteString(path))
 
 
+@reads_ahead(lambda paths, **_: [(PathStates, {"paths": list(paths), "hash_files": False})])
 @operation()
 def folders(paths: Sequence[str], user: str, group: str, mode: str):
     """
@@ -40,7 +44,7 @@ def folders(paths: Sequence[str], user: str, group: str, mode: str):
         paths.folders(name="Folders", paths=["/opt/llm-garage"], user="root", group="root",
                       mode="755")
     """
-    states = host.get_fact(PathStates, paths=list(paths), hash_files=False)
+    states = readahead.read(PathStates, paths=list(paths), hash_files=False)
     changed = []
     for path in paths:
         have = states.get(path)
@@ -65,6 +69,7 @@ def _sha256(path: str) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+@reads_ahead(lambda files, **_: [(PathStates, {"paths": sorted(files)})])
 @operation()
 def files_installed(files: Mapping[str, str], user: str, group: str, mode: str):
     """
@@ -84,7 +89,7 @@ def files_installed(files: Mapping[str, str], user: str, group: str, mode: str):
         paths.files_installed(name="Scripts", files={"/opt/llm-garage/bin/x": "files/x"},
                               user="root", group="root", mode="755")
     """
-    states = host.get_fact(PathStates, paths=sorted(files))
+    states = readahead.read(PathStates, paths=sorted(files))
     changed = []
     for dest, src in sorted(files.items()):
         have = states.get(dest)
@@ -108,6 +113,46 @@ def files_installed(files: Mapping[str, str], user: str, group: str, mode: str):
         host.noop(f"{len(files)} file(s) in {', '.join(folders_of)} up to date")
 
 
+@reads_ahead(lambda path, **_: [(PathStates, {"paths": [path]})])
+@operation()
+def text_installed(path: str, text: str, user: str, group: str, mode: str):
+    """
+    Make `path` on the rig hold `text` (made on this machine: a rendered template), with this
+    owner and mode.
+
+    + path: the file on the rig (its folder exists)
+    + text: what it must hold
+    + user, group: its owner
+    + mode: its mode, as ``stat -c %a`` prints it (``644``)
+
+    Compared by sha256 on the rig; a new content is uploaded beside the file and renamed
+    over it.
+
+    **Example:**
+
+    .. code:: python
+
+        paths.text_installed(name="Unit", path="/opt/llm-garage/state/x.service", text=text,
+                             user="root", group="root", mode="644")
+    """
+    have = readahead.read(PathStates, paths=[path]).get(path)
+    if have is not None and have["type"] != "file":
+        raise OperationError(f"{path} exists and is not a regular file ({have['type']})")
+    data = text.encode()
+    if have is None or have["sha256"] != hashlib.sha256(data).hexdigest():
+        temp = f"{path}.tmp"
+        yield FileUploadCommand(BytesIO(data), temp)
+        yield from _owner_and_mode(temp, {"user": "", "group": "", "mode": ""}, user, group,
+                                   mode)
+        yield StringCommand("mv", "-f", "--", QuoteString(temp), QuoteString(path))
+        return
+    if (have["user"], have["group"], have["mode"]) == (user, group, mode):
+        host.noop(f"{path} holds the rendered text")
+    yield from _owner_and_mode(path, have, user, group, mode)
+
+
+@reads_ahead(lambda user, groups, home, **_: [
+    (ServiceAccount, {"user": user, "groups": list(groups), "home": home})])
 @operation()
 def service_account(user: str, groups: Sequence[str], home: str, shell: str):
     """
@@ -126,7 +171,7 @@ def service_account(user: str, groups: Sequence[str], home: str, shell: str):
         paths.service_account(name="Service user", user="llama", groups=["video"],
                               home="/opt/llm-garage/home", shell="/usr/sbin/nologin")
     """
-    have = host.get_fact(ServiceAccount, user=user, groups=list(groups), home=home)
+    have = readahead.read(ServiceAccount, user=user, groups=list(groups), home=home)
     changed = []
     for group in groups:
         if group not in have["groups"]:

@@ -7,9 +7,10 @@ from collections.abc import Mapping
 from pyinfra import host
 from pyinfra.api import FunctionCommand, operation
 
-from llm_garage import rigdoc
+from llm_garage import readahead, rigdoc
 from llm_garage.facts.rigdoc import RigReport
 from llm_garage.layout import service_name, unit_path
+from llm_garage.readahead import reads_ahead
 from llm_garage.settings import Rig
 
 
@@ -18,6 +19,16 @@ def _write(docs_dir: str, data: dict) -> None:
         host.log(f"wrote {path}")
 
 
+def _report_read(rig: Rig, engines: Mapping, models: Mapping) -> dict:
+    layout = rig.layout
+    return {"models_dir": rig.data.models_dir,
+            "engines": {name: plan.builds_dir for name, plan in engines.items()},
+            "services": [(p, service_name(p), unit_path(service_name(p)),
+                          layout.proof_report(p)) for p in sorted(rig.enabled_profiles)],
+            "snapshots": {name: plan.snapshot for name, plan in models.items()}}
+
+
+@reads_ahead(lambda rig, engines, models, **_: [(RigReport, _report_read(rig, engines, models))])
 @operation()
 def documented(rig: Rig, docs_dir: str, engines: Mapping, models: Mapping,
                opencode_providers: Mapping | None = None):
@@ -46,13 +57,7 @@ def documented(rig: Rig, docs_dir: str, engines: Mapping, models: Mapping,
         host.noop(f"{docs_dir}/{rig.name}.md is written from what the rig reports once its "
                   "operations have run")
         return
-    layout = rig.layout
-    report = host.get_fact(
-        RigReport, models_dir=rig.data.models_dir,
-        engines={name: plan.builds_dir for name, plan in engines.items()},
-        services=[(p, service_name(p), unit_path(service_name(p)), layout.proof_report(p))
-                  for p in sorted(rig.enabled_profiles)],
-        snapshots={name: plan.snapshot for name, plan in models.items()})
+    report = readahead.read(RigReport, **_report_read(rig, engines, models))
     data = rigdoc.collect(rig, report, engines, models, opencode_providers)
     rigdoc.keep_bench(docs_dir, data)
     if not rigdoc.pending(docs_dir, data):

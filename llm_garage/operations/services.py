@@ -19,6 +19,7 @@ from pyinfra.api import (
 from pyinfra.api.operation import OperationMeta
 from pyinfra.facts.files import Sha256File
 
+from llm_garage import readahead
 from llm_garage.facts.paths import PathStates
 from llm_garage.facts.services import (
     GarageUnits,
@@ -29,6 +30,7 @@ from llm_garage.facts.services import (
 )
 from llm_garage.operations import connector_arguments
 from llm_garage.plans.services import ServicePlan
+from llm_garage.readahead import reads_ahead
 
 # Global arguments that make pyinfra upload to a temporary file first (see the SSH connector).
 _ESCALATION = ("_sudo", "_doas", "_dzdo", "_su_user")
@@ -47,6 +49,7 @@ def private_upload(content: str, dest: str):
     yield FileUploadCommand(StringIO(content), dest, remote_temp_filename=temp)
 
 
+@reads_ahead(lambda path, **_: [(Sha256File, {"path": path})])
 @operation()
 def secret_file(path: str, content: str | None, directory_mode: str = "700"):
     """
@@ -67,7 +70,7 @@ def secret_file(path: str, content: str | None, directory_mode: str = "700"):
 
         services.secret_file(name="API key", path="/etc/llm-garage/x.key", content=key)
     """
-    have = host.get_fact(Sha256File, path=path)
+    have = readahead.read(Sha256File, path=path)
     if content is None:
         if have is None:
             host.noop(f"no {path}")
@@ -180,6 +183,15 @@ def attempt_key(inputs: str, plan: ServicePlan) -> str:
     return hashlib.sha256(f"{inputs}\n{proof_text(plan)}\n".encode()).hexdigest()
 
 
+def _state_read(plan: ServicePlan) -> dict:
+    digest = inputs_digest_command(plan.wanted_unit, plan.key_file if plan.api_key else None,
+                                   plan.binary, plan.model_path)
+    return {"service": plan.service, "wanted": plan.wanted_unit, "installed": plan.unit_file,
+            "proven_unit": plan.proven_unit, "proven_path": plan.inputs,
+            "failed_path": plan.failed, "digest": digest}
+
+
+@reads_ahead(lambda plan, **_: [(ServiceState, _state_read(plan))])
 @operation()
 def served(plan: ServicePlan, changed: Sequence[OperationMeta] = ()):
     """
@@ -205,11 +217,9 @@ def served(plan: ServicePlan, changed: Sequence[OperationMeta] = ()):
         services.served(name="Serve qwen", plan=plan, changed=[build_op])
     """
     service = plan.service
-    digest = inputs_digest_command(plan.wanted_unit, plan.key_file if plan.api_key else None,
-                                   plan.binary, plan.model_path)
-    state = host.get_fact(ServiceState, service=service, wanted=plan.wanted_unit,
-                          installed=plan.unit_file, proven_unit=plan.proven_unit,
-                          proven_path=plan.inputs, failed_path=plan.failed, digest=digest)
+    read = _state_read(plan)
+    digest = read["digest"]
+    state = readahead.read(ServiceState, **read)
     if host.state.is_executing:
         upstream = any(op.is_complete() and op.did_change() for op in changed)
     else:
@@ -245,6 +255,9 @@ def served(plan: ServicePlan, changed: Sequence[OperationMeta] = ()):
     yield FunctionCommand(_prove_or_roll_back, (plan, digest, keep_running), {})
 
 
+@reads_ahead(lambda source, unit_file, service=None, **_: [
+    (InstalledUnit, {"source": source, "unit_file": unit_file, "service": service}) if service
+    else (PathStates, {"paths": [source, unit_file]})])
 @operation()
 def unit_installed(source: str, unit_file: str, service: str | None = None):
     """
@@ -267,11 +280,11 @@ def unit_installed(source: str, unit_file: str, service: str | None = None):
                                 service="x.service")
     """
     if service:
-        found = host.get_fact(InstalledUnit, source=source, unit_file=unit_file,
-                              service=service)
+        found = readahead.read(InstalledUnit, source=source, unit_file=unit_file,
+                               service=service)
         states, enabled = found["files"], found["enabled"] == "enabled"
     else:
-        states, enabled = host.get_fact(PathStates, paths=[source, unit_file]), True
+        states, enabled = readahead.read(PathStates, paths=[source, unit_file]), True
     want, have = ((states.get(p) or {}).get("sha256") for p in (source, unit_file))
     same = want is not None and want == have
     if not same:
@@ -286,6 +299,8 @@ def unit_installed(source: str, unit_file: str, service: str | None = None):
                   + (f", {service} is enabled at boot" if service else ""))
 
 
+@reads_ahead(lambda service, paths, **_: [
+    (UnitPresence, {"service": service, "paths": list(paths)})])
 @operation()
 def unit_absent(service: str, paths: Sequence[str]):
     """
@@ -301,7 +316,7 @@ def unit_absent(service: str, paths: Sequence[str]):
         services.unit_absent(name="Remove old", service="llama-server-old.service",
                              paths=["/etc/systemd/system/llama-server-old.service"])
     """
-    presence = host.get_fact(UnitPresence, service=service, paths=list(paths))
+    presence = readahead.read(UnitPresence, service=service, paths=list(paths))
     if not (presence["active"] or presence["enabled"] or presence["present"]):
         host.noop(f"{service} is absent")
         return
@@ -311,6 +326,8 @@ def unit_absent(service: str, paths: Sequence[str]):
         yield StringCommand("rm", "-f", "--", *[QuoteString(p) for p in presence["present"]])
 
 
+@reads_ahead(lambda unit_dir, pattern, marker, **_: [
+    (GarageUnits, {"directory": unit_dir, "pattern": pattern, "marker": marker})])
 @operation()
 def stale_units_removed(keep: Sequence[str], also: Sequence[str], unit_dir: str, pattern: str,
                         marker: str, companions: dict[str, Sequence[str] | str]):
@@ -333,7 +350,7 @@ def stale_units_removed(keep: Sequence[str], also: Sequence[str], unit_dir: str,
                                      pattern="llama-server-*.service",
                                      marker="# Generated by llm-garage", companions={})
     """
-    owned = host.get_fact(GarageUnits, directory=unit_dir, pattern=pattern, marker=marker)
+    owned = readahead.read(GarageUnits, directory=unit_dir, pattern=pattern, marker=marker)
     stale = sorted((set(owned) | set(also)) - set(keep))
     for service in stale:
         stem = service.removesuffix(".service")

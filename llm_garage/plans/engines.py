@@ -480,6 +480,25 @@ def _pinned_toolkit(install: CudaInstall, get_fact: GetFact) -> dict | None:
     return install.expected_toolkit()
 
 
+def reads(rig: Rig) -> list[tuple[type, dict]]:
+    """The facts `plan` reads on the rig in the common case (a pinned CUDA toolkit's are
+    read when needed), for llm_garage.readahead."""
+    out: list[tuple[type, dict]] = []
+    for engine in rig.engines.values():
+        if not engine.pinned_commit:
+            out += [(GitRemoteRefs, {"remote": engine.git_remote, "ref": engine.ref}),
+                    (PinRecords, {"path": rig.layout.engine_pins})]
+        if not isinstance(engine.build_jobs, int):
+            out.append((Cpus, {}))
+        if engine.cuda:
+            out.append((NvidiaDriver, {}))
+            if engine.cuda_architectures == "auto":
+                out.append((GpuComputeCaps, {}))
+            if engine.cuda_toolkit == "system":
+                out.append((CudaToolkit, {}))
+    return out
+
+
 def plan(rig: Rig, get_fact: GetFact) -> list[BuildPlan]:
     """One BuildPlan per engine, from facts read on the rig; raises EngineError listing every
     problem of this rig (nothing has run yet when it does)."""

@@ -7,7 +7,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from pyinfra.api.util import get_template
 
 from llm_garage import units
 from llm_garage.layout import GPU_POWER_UNIT
@@ -21,8 +20,8 @@ GARAGE_MODEL = ("/srv/models/qwen3.5-122b-q6/0123456789ab/"
 
 
 def render(template: str, context: dict) -> str:
-    """A unit as the deploy writes it: pyinfra's files.template over the task's template."""
-    return get_template(template, dict(units.TEMPLATE_OPTIONS)).render(unit=context)
+    """A unit as the deploy writes it."""
+    return units.render(template, context)
 
 
 def llama_unit(rig, profile: str, model_path: str) -> str:
