@@ -7,10 +7,12 @@ it with its message alone, before anything runs on any rig (llm_garage/refusal.p
 
 from pyinfra import host
 
-from llm_garage import deploy_lock, readahead
+from llm_garage import deploy_lock, readahead, stack_order
 from llm_garage.fleet import fleet_for, rig_for
 from llm_garage.refusal import refusals_end_the_run
 from tasks import base, docs, engines, gpus, memory, models, opencode, services
+
+stack_order.register_deploy_file(__file__)  # before the first operation is added
 
 with refusals_end_the_run():
     rig = rig_for(host)
