@@ -26,6 +26,7 @@ run without it.
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import statistics
 import sys
@@ -89,21 +90,33 @@ def _children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def _machine_cpu() -> float:
+    """CPU seconds this machine's cores have been busy (all processes: the controller, the
+    rigs and their sshd), from /proc/stat."""
+    with open("/proc/stat") as f:
+        user, nice, system, _idle, _iowait, irq, softirq, steal = map(
+            int, f.readline().split()[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
 def _medians(inventory: Path, deploy: str, names: list[str], repeat: int, env=None):
     """Medians of `repeat` no-op re-runs (each must change nothing), of the CPU time the
-    pyinfra process used in them (on this machine, not on the rigs) and of `exec -- true`."""
-    noops, cpus, execs = [], [], []
+    pyinfra process used in them (on this machine, not on the rigs), of the CPU time the whole
+    machine used in them (the rigs share its cores), and of `exec -- true`."""
+    noops, cpus, machine, execs = [], [], [], []
     for _ in range(repeat):
-        cpu = _children_cpu()
+        cpu, busy = _children_cpu(), _machine_cpu()
         result = run_pyinfra(inventory, deploy, env=env)
         cpus.append(_children_cpu() - cpu)
+        machine.append(_machine_cpu() - busy)
         check_no_changes(result, expected_hosts=names)
         noops.append(result.duration)
     for _ in range(repeat):
         result = run_pyinfra(inventory, EXEC_TRUE)
         check_first_run(result)
         execs.append(result.duration)
-    return statistics.median(noops), statistics.median(cpus), statistics.median(execs)
+    return (statistics.median(noops), statistics.median(cpus), statistics.median(machine),
+            statistics.median(execs))
 
 
 def smoke_rows(fleet: lab.rigs.Fleet, names: dict[int, list[str]], tmp: Path, repeat: int,
@@ -112,7 +125,7 @@ def smoke_rows(fleet: lab.rigs.Fleet, names: dict[int, list[str]], tmp: Path, re
     for n in sizes:
         inventory = fleet.write_inventory(tmp / f"inv{n}.py", names[n])
         first = _first_run(inventory, SMOKE, names[n])
-        noop, _, exec_true = _medians(inventory, SMOKE, names[n], repeat)
+        noop, _, _, exec_true = _medians(inventory, SMOKE, names[n], repeat)
         rows.append({"n": n, "first": first.duration, "noop": noop, "exec": exec_true})
     return rows
 
@@ -146,12 +159,14 @@ def deploy_rows(fleet: lab.rigs.Fleet, names: dict[int, list[str]], tmp: Path, r
             builds = [int(s["seconds"]) for s in stamps]
             hits = sum(int(s["ccache_hits"]) for s in stamps)
             compiles = hits + sum(int(s["ccache_misses"]) for s in stamps)
-            noop, noop_cpu, exec_true = _medians(inventory, DEPLOY, names[n], repeat, env=env)
+            noop, noop_cpu, noop_machine, exec_true = _medians(inventory, DEPLOY, names[n],
+                                                               repeat, env=env)
             run_prof, status, log = profile_run(inventory, DEPLOY, env=env)
             if status != 0:
                 raise NotConvergedError(f"profiled no-op run exited {status}:\n{log[-4000:]}")
             rows.append({"n": n, "first": first.duration, "builds": builds,
                          "rest": first.duration - max(builds), "noop": noop, "noop_cpu": noop_cpu,
+                         "noop_machine": noop_machine,
                          "exec": exec_true, "changed": first.changed,
                          "ccache": f"{hits}/{compiles}", "profile": run_prof})
         return rows
@@ -198,11 +213,13 @@ def main() -> int:
           f"stand-in {GPU_MODEL.upper()} per rig, opencode_client on one rig; no-op run and "
           f"exec true: medians of {args.repeat}, every no-op run with 0 changes")
     print(f"{'rigs':>5} {'first run':>10} {'slowest build':>14} {'first - build':>14} "
-          f"{'no-op run':>10} {'no-op CPU':>10} {'exec true':>10} {'changed ops':>12}  ccache hits")
+          f"{'no-op run':>10} {'no-op CPU':>10} {'rigs CPU':>9} {'exec true':>10} "
+          f"{'changed ops':>12}  ccache hits")
     for r in rows:
+        rigs_cpu = r["noop_machine"] - r["noop_cpu"]
         print(f"{r['n']:>5} {r['first']:>9.2f}s {max(r['builds']):>13d}s {r['rest']:>13.2f}s "
-              f"{r['noop']:>9.2f}s {r['noop_cpu']:>9.2f}s {r['exec']:>9.2f}s {r['changed']:>12}  "
-              f"{r['ccache']}")
+              f"{r['noop']:>9.2f}s {r['noop_cpu']:>9.2f}s {rigs_cpu:>8.2f}s {r['exec']:>9.2f}s "
+              f"{r['changed']:>12}  {r['ccache']}")
     for r in rows:
         print(f"  engine build per rig, {r['n']} rig(s): "
               + ", ".join(f"{s}s" for s in r["builds"]))
@@ -220,6 +237,12 @@ def main() -> int:
     print("  no-op CPU: user + system time of the pyinfra process on this machine during a "
           "no-op run (median),\n  not counting the rigs' side; next to the wall time it shows "
           "how much of the run is the\n  controller working rather than waiting on rigs.")
+    print(f"  rigs CPU: the rest of this machine's busy CPU time during a no-op run (median): "
+          f"the rigs' commands\n  and sshd, and anything else running; the rigs share this "
+          f"machine's {os.cpu_count()} cores with the controller,\n  so the no-op of "
+          f"{eight['n']} rigs waits on {eight['noop_machine']:.2f} s of CPU work in all "
+          f"({eight['noop_machine'] / os.cpu_count():.2f} s on {os.cpu_count()} cores), "
+          f"{one['n']} rig on {one['noop_machine']:.2f} s.")
     print("  slowest build: the largest `seconds` in the rigs' build stamps (garage-build: "
           "fetch, configure, compile, verify;\n  whole seconds). pyinfra runs each operation "
           "on all rigs at once and waits for the last, so the build\n  operation lasts about "
