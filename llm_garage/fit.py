@@ -517,8 +517,9 @@ def refusal(host: str, profile: str, p: Plan, layout: Mapping[str, Any], opts: O
 
 def options_for(rig, profile_name: str, memory: Mapping[str, Any] | None = None) -> Options:
     """The plan's inputs from a validated rig's profile, and what each GPU has for it: from
-    `memory` (the rig's `RigMemory` fact: nvidia-smi's memory.total and memory.free, the
-    memory our own servers that this deploy replaces hold, /proc/meminfo) where it answers,
+    `memory` (the rig's `RigMemory` fact `with_gpus`: nvidia-smi's memory.total and
+    memory.free, the memory our own servers that this deploy replaces hold, /proc/meminfo)
+    where it answers,
     else from the gpu_memory_mib setting. An engine built without CUDA runs on the CPU."""
     p = rig.profiles[profile_name]
     d = rig.data

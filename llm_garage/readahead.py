@@ -6,7 +6,8 @@ trip per fact read. Here the tasks declare the facts their plans read while the 
 prepared (`declare(..., while_prepared=True)`), and our operations, when a task adds them,
 the facts they will read when they run (`reads_ahead`). The first `read` of a declared fact
 reads every declared fact still to be read in that phase in one shell command, each between
-markers carrying its exit status.
+markers carrying its exit status; facts that run the same command (the GPU facts' one
+nvidia-smi query) share one run of it.
 
 An answer is used only while no operation has run a command on that rig since it was read
 (pyinfra's own record of each finished operation's commands), and answers read while the
@@ -151,6 +152,8 @@ def _read_batch(host, rig: _Rig, now: Epoch, wanted: str) -> None:
     token = secrets.token_hex(8)
     bits: list[Any] = []
     facts: dict[int, tuple[str, FactBase]] = {}
+    runs: dict[tuple[str, str | None], int] = {}  # facts with the same command share one run
+    source: dict[int, int] = {}  # fact -> the run whose output it reads
     for i, key in enumerate(pending):
         cls, kwargs = rig.declared[key]
         fact = cls()
@@ -158,6 +161,9 @@ def _read_batch(host, rig: _Rig, now: Epoch, wanted: str) -> None:
             continue
         command, requires = _command(fact, kwargs)
         facts[i] = key, fact
+        source[i] = runs.setdefault((str(command), requires), i)
+        if source[i] != i:
+            continue
         guard = ["command", "-v", requires, ">/dev/null", "2>&1", "&&"] if requires else []
         # $(...) keeps each fact's output apart and its status; printf restores the last
         # newline it drops.
@@ -200,13 +206,14 @@ def _read_batch(host, rig: _Rig, now: Epoch, wanted: str) -> None:
             lines[current].append(line)
     answered = 0
     for i, (key, fact) in facts.items():
-        if statuses.get(i) != 0:
+        run = source[i]
+        if statuses.get(run) != 0:
             continue
         try:
-            value = fact.process(lines[i]) if lines.get(i) else fact.default()
+            value = fact.process(list(lines[run])) if lines.get(run) else fact.default()
         except Exception:  # noqa: BLE001 - pyinfra's own read reports it
             continue
         rig.answers[key] = _Answer(value, now)
         answered += 1
-    logger.debug("%sread ahead: %d of %d fact(s) in one command", host.print_prefix,
-                 answered, len(facts))
+    logger.debug("%sread ahead: %d of %d fact(s) in one command (%d run(s))",
+                 host.print_prefix, answered, len(facts), len(runs))

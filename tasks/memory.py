@@ -3,17 +3,19 @@ really has, while the run is prepared: before any rig changes, before any byte o
 fetched.
 
 The plan comes from the GGUF header summaries in the lock (`llm-garage lock` reads them); the
-rig's side from the `RigMemory` fact (nvidia-smi's memory.total and memory.free, what our own
-services that this deploy replaces hold, /proc/meminfo), the inventory's gpu_memory_mib where
-nvidia-smi does not answer. A profile that does not fit stops the run, naming the device that
-is short, by how much, and the settings that would fit; `memory_check: warn` only warns."""
+rig's side from the `GpuMemory` and `RigMemory` facts (nvidia-smi's memory.total and
+memory.free, what our own services that this deploy replaces hold, /proc/meminfo), the
+inventory's gpu_memory_mib where nvidia-smi does not answer. A profile that does not fit stops
+the run, naming the device that is short, by how much, and the settings that would fit;
+`memory_check: warn` only warns."""
 
 from __future__ import annotations
 
 from pyinfra import host, logger
 
 from llm_garage import fit, readahead
-from llm_garage.facts.memory import RigMemory
+from llm_garage.facts.gpu import GpuMemory
+from llm_garage.facts.memory import RigMemory, with_gpus
 from llm_garage.plans import models as model_plan
 from llm_garage.refusal import Refusal
 from llm_garage.settings import Rig
@@ -25,7 +27,7 @@ class MemoryPlanError(Refusal):
 
 def reads(rig: Rig) -> list:
     """What `check` reads on the rig (when the lock plans a profile)."""
-    return [(RigMemory, {})] if rig.enabled_profiles else []
+    return [(RigMemory, {}), (GpuMemory, {})] if rig.enabled_profiles else []
 
 
 def check(rig: Rig) -> None:
@@ -41,7 +43,7 @@ def check(rig: Rig) -> None:
     checked = [(name, p) for name, p in profiles if p.model in layouts]
     if not checked:
         return
-    memory = readahead.read(RigMemory)
+    memory = with_gpus(readahead.read(RigMemory), readahead.read(GpuMemory))
     refusals = []
     for name, p in checked:
         layout = layouts[p.model]

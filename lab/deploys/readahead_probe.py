@@ -4,7 +4,8 @@ it with the real pyinfra CLI on @local).
 Host data (pyinfra's --data): ``probe_dir``, a folder holding ``a`` and ``b``; ``probe_out``,
 a JSON-lines file each probe appends what it read to. The operations, in order: probe a and
 b, write a new text into a (a change), probe a again, then probe three facts whose answers are
-unusual in a batch (no final newline, no output, a failing command), each read twice."""
+unusual in a batch (no final newline, no output, a failing command) and two facts that run
+the same command (a counter of its runs), each read twice."""
 
 import json
 
@@ -49,6 +50,23 @@ class Failing(FactBase):
         return list(output)
 
 
+class RunCount(FactBase):
+    """How many times this command has run (a counter file)."""
+
+    def command(self, marker: str):
+        return f"n=$(cat {marker} 2>/dev/null || echo 0); echo $((n + 1)) | tee {marker}"
+
+    def process(self, output):
+        return int(list(output)[0])
+
+
+class RunCountText(RunCount):
+    """The same command as RunCount, read another way."""
+
+    def process(self, output):
+        return f"run {list(output)[0]}"
+
+
 def _record(label: str, value) -> None:
     with open(out, "a") as f:
         f.write(json.dumps({"label": label, "value": value}, default=str) + "\n")
@@ -64,12 +82,15 @@ def probe(path: str, label: str):
     yield
 
 
-@reads_ahead(lambda marker, **_: [(NoFinalNewline, {}), (Silent, {}),
-                                  (Failing, {"marker": marker})])
+@reads_ahead(lambda marker, runs, **_: [(NoFinalNewline, {}), (Silent, {}),
+                                        (Failing, {"marker": marker}),
+                                        (RunCount, {"marker": runs}),
+                                        (RunCountText, {"marker": runs})])
 @operation()
-def odd(marker: str, label: str):
+def odd(marker: str, runs: str, label: str):
     _record(label, [readahead.read(NoFinalNewline), readahead.read(Silent),
-                    readahead.read(Failing, marker=marker)])
+                    readahead.read(Failing, marker=marker), readahead.read(RunCount, marker=runs),
+                    readahead.read(RunCountText, marker=runs)])
     host.noop("probed odd facts")
     return
     yield
@@ -77,8 +98,8 @@ def odd(marker: str, label: str):
 
 probe(name="probe a", path=f"{folder}/a", label="a before")
 probe(name="probe b", path=f"{folder}/b", label="b")
-odd(name="odd 1", marker=f"{folder}/tries", label="odd 1")
+odd(name="odd 1", marker=f"{folder}/tries", runs=f"{folder}/runs", label="odd 1")
 paths.text_installed(name="write a", path=f"{folder}/a", text="new text\n", user="root",
                      group="root", mode="644")
 probe(name="probe a again", path=f"{folder}/a", label="a after")
-odd(name="odd 2", marker=f"{folder}/tries", label="odd 2")
+odd(name="odd 2", marker=f"{folder}/tries", runs=f"{folder}/runs", label="odd 2")

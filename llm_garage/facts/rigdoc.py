@@ -1,7 +1,7 @@
 """One fact reading, in one round trip, what a rig document says about the rig (see
-llm_garage/rigdoc.py): the machine, its GPUs and CUDA toolkit, each engine's build stamps, each
-model snapshot's files, each service's installed unit, last proof and the memory the server
-reported at load.
+llm_garage/rigdoc.py): the machine, its CUDA toolkit, each engine's build stamps, each model
+snapshot's files, each service's installed unit, last proof and the memory the server
+reported at load. Its GPUs are the `GpuInventory` fact (llm_garage/facts/gpu.py).
 
 The command prints sections, each opened by a `::doc:: <kind> [<name> …]` line and followed by
 that section's raw lines; `parse_sections` splits them and the `parse_*` helpers read each
@@ -17,10 +17,6 @@ from collections.abc import Mapping, Sequence
 from pyinfra.api import FactBase
 
 MARK = "::doc::"
-# nvidia-smi --query-gpu field names (nvidia-smi --help-query-gpu), in the order printed.
-GPU_FIELDS = ("index", "name", "uuid", "pci.bus_id", "memory.total", "compute_cap",
-              "driver_version", "power.limit", "power.min_limit", "power.max_limit",
-              "persistence_mode")
 # Start-log lines of llama.cpp / ik_llama.cpp that say how much memory a device got.
 MEMORY_LINE = r"buffer size *=|kv_cache.*: *size *="
 
@@ -40,8 +36,6 @@ def report_command(models_dir: str, engines: Mapping[str, str],
         "sec cpu; grep -m1 '^model name' /proc/cpuinfo | cut -d: -f2-; nproc --all",
         "sec memory; grep -m1 '^MemTotal:' /proc/meminfo",
         f"sec disk; df -P -B1 -- {q(models_dir)} 2>/dev/null | tail -n +2",
-        "sec gpus; if command -v nvidia-smi >/dev/null 2>&1; then nvidia-smi "
-        f"--query-gpu={','.join(GPU_FIELDS)} --format=csv,noheader,nounits 2>&1; fi",
         "sec nvcc; for n in \"$(command -v nvcc 2>/dev/null)\" /usr/local/cuda/bin/nvcc; do "
         "if [ -n \"$n\" ] && [ -x \"$n\" ]; then echo \"$n\"; \"$n\" --version 2>&1 | "
         "grep -m1 'release'; break; fi; done",
@@ -110,43 +104,6 @@ def parse_disk(lines: Sequence[str]) -> dict | None:
             return {"filesystem": cells[0], "size_bytes": int(cells[1]),
                     "free_bytes": int(cells[3]), "mounted_on": " ".join(cells[5:])}
     return None
-
-
-def _cell(value: str):
-    """None for nvidia-smi's [N/A], [Not Supported] and the like."""
-    value = value.strip()
-    return None if not value or value.startswith("[") else value
-
-
-def _float(value: str) -> float | None:
-    value = _cell(value) or ""
-    return float(value) if re.fullmatch(r"[0-9]+(\.[0-9]+)?", value) else None
-
-
-def parse_gpus(lines: Sequence[str]) -> dict:
-    """`nvidia-smi --query-gpu=<GPU_FIELDS> --format=csv,noheader,nounits` -> {"gpus": [...],
-    "error": None}, or {"gpus": [], "error": what nvidia-smi said}. The name may hold commas:
-    fields are taken from both ends."""
-    gpus, tail = [], len(GPU_FIELDS) - 2
-    for line in lines:
-        if not line.strip():
-            continue
-        cells = [c.strip() for c in line.split(",")]
-        if len(cells) < len(GPU_FIELDS) or not cells[0].isdigit():
-            return {"gpus": [], "error": " ".join(x.strip() for x in lines if x.strip())}
-        rest = cells[-tail:]
-        memory = _float(rest[2])
-        gpus.append({
-            "index": int(cells[0]), "name": ", ".join(cells[1:-tail]),
-            "uuid": _cell(rest[0]), "pci_bus_id": _cell(rest[1]),
-            "memory_mib": int(memory) if memory is not None else None,
-            "compute_cap": _cell(rest[3]), "driver_version": _cell(rest[4]),
-            "power_limit_w": _float(rest[5]), "power_min_w": _float(rest[6]),
-            "power_max_w": _float(rest[7]),
-            "persistence_mode": {"enabled": True, "disabled": False}.get(
-                (_cell(rest[8]) or "").lower()),
-        })
-    return {"gpus": sorted(gpus, key=lambda g: g["index"]), "error": None}
 
 
 def parse_nvcc(lines: Sequence[str]) -> dict | None:
@@ -220,8 +177,7 @@ def parse_snapshot(lines: Sequence[str]) -> list[dict]:
 
 def parse_report(lines: Sequence[str]) -> dict:
     """`report_command`'s output -> what a rig document reads from the rig."""
-    report: dict = {"machine": {}, "gpus": {"gpus": [], "error": None}, "nvcc": None,
-                    "engines": {}, "services": {}, "models": {}}
+    report: dict = {"machine": {}, "nvcc": None, "engines": {}, "services": {}, "models": {}}
     machine = report["machine"]
     for (kind, *words), body in parse_sections(lines):
         if kind == "os":
@@ -235,8 +191,6 @@ def parse_report(lines: Sequence[str]) -> dict:
             machine["memory_bytes"] = parse_memory(body)
         elif kind == "disk":
             machine["disk"] = parse_disk(body)
-        elif kind == "gpus":
-            report["gpus"] = parse_gpus(body)
         elif kind == "nvcc":
             report["nvcc"] = parse_nvcc(body)
         elif kind in ("current", "build") and words:

@@ -8,6 +8,7 @@ from pyinfra import host
 from pyinfra.api import FunctionCommand, operation
 
 from llm_garage import readahead, rigdoc
+from llm_garage.facts.gpu import GpuInventory
 from llm_garage.facts.rigdoc import RigReport
 from llm_garage.layout import service_name, unit_path
 from llm_garage.readahead import reads_ahead
@@ -28,7 +29,8 @@ def _report_read(rig: Rig, engines: Mapping, models: Mapping) -> dict:
             "snapshots": {name: plan.snapshot for name, plan in models.items()}}
 
 
-@reads_ahead(lambda rig, engines, models, **_: [(RigReport, _report_read(rig, engines, models))])
+@reads_ahead(lambda rig, engines, models, **_: [(RigReport, _report_read(rig, engines, models)),
+                                                (GpuInventory, {})])
 @operation()
 def documented(rig: Rig, docs_dir: str, engines: Mapping, models: Mapping,
                opencode_providers: Mapping | None = None):
@@ -41,7 +43,7 @@ def documented(rig: Rig, docs_dir: str, engines: Mapping, models: Mapping,
     + engines, models: the deploy's plans (name -> BuildPlan / ModelPlan)
     + opencode_providers: what this rig's opencode.json was given (None: no opencode client)
 
-    Nothing is run on the rig but one read-only fact. A file is rewritten (atomically) only
+    Nothing is run on the rig but two read-only facts. A file is rewritten (atomically) only
     when its content changes, so a run that changes nothing on the rig changes nothing here
     and reports no change. While the deploy is prepared the rig has not converged yet: the
     document is written when the operation runs.
@@ -57,7 +59,8 @@ def documented(rig: Rig, docs_dir: str, engines: Mapping, models: Mapping,
         host.noop(f"{docs_dir}/{rig.name}.md is written from what the rig reports once its "
                   "operations have run")
         return
-    report = readahead.read(RigReport, **_report_read(rig, engines, models))
+    report = {**readahead.read(RigReport, **_report_read(rig, engines, models)),
+              "gpus": readahead.read(GpuInventory)}
     data = rigdoc.collect(rig, report, engines, models, opencode_providers)
     rigdoc.keep_bench(docs_dir, data)
     if not rigdoc.pending(docs_dir, data):

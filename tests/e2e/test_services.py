@@ -20,6 +20,8 @@ from lab.serving import (
     starts,
     verify_units,
 )
+from llm_garage.facts.memory import COMMAND as MEMORY_COMMAND
+from llm_garage.facts.memory import parse as parse_memory
 
 pytestmark = pytest.mark.e2e
 
@@ -59,6 +61,11 @@ def test_two_profiles_converge_then_restart_only_what_changed(
                         first_shard(hub)]
     assert argv[argv.index("--chat-template") + 1] == awkward
     assert sh(rig, f"ps -o user= -p {pid}") == "llama"
+    # The memory fact finds both servers among the rig's processes, with what they hold.
+    servers = parse_memory(sh(rig, MEMORY_COMMAND).splitlines())["servers"]
+    assert {p: s["unit"] for p, s in servers.items()} == {
+        int(service(rig, u)["MainPID"]): u for u in (A, B)}
+    assert all(s["rss_kib"] > 0 for s in servers.values()), servers
 
     # No-op runs leave both servers alone.
     before = {u: service(rig, u) for u in (A, B)}

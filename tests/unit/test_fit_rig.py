@@ -1,5 +1,6 @@
-"""The memory plan against a rig's real memory (the RigMemory fact, read by its own command
-with the fake nvidia-smi), and the fixes it suggests, each checked by the plan itself."""
+"""The memory plan against a rig's real memory (the RigMemory and GpuMemory facts, read by
+their own commands with the fake nvidia-smi), and the fixes it suggests, each checked by the
+plan itself."""
 
 from __future__ import annotations
 
@@ -10,17 +11,14 @@ import pytest
 
 from lab.standins.gpu import FAKES_DIR
 from llm_garage import fit
-from llm_garage.facts.memory import COMMAND, parse
+from llm_garage.facts.gpu import GPU_QUERY_COMMAND, GpuMemory
+from llm_garage.facts.memory import COMMAND, parse, with_gpus
 from llm_garage.fit import MIB, Options
 from llm_garage.settings import load_rig
 
 from .test_fit import QWEN397, small
 
 CAPTURED = """\
-[gpus]
-0, GPU-aaaa, 24576, 22000, 2333
-1, GPU-bbbb, 24576, 500, 23833
-exit=0
 [apps]
 GPU-aaaa, 101, 20000
 GPU-aaaa, 202, 1500
@@ -32,10 +30,16 @@ GPU-bbbb, 303, [N/A]
 MemTotal:       65536000 kB
 MemAvailable:   30000000 kB
 """.splitlines()
+CAPTURED_GPUS = GpuMemory().process([
+    "0, NVIDIA GeForce RTX 3090, GPU-aaaa, 00000000:01:00.0, 24576, 22000, 2333, 8.6, "
+    "570.172.08, 350.00, 100.00, 350.00, Enabled",
+    "1, NVIDIA GeForce RTX 3090, GPU-bbbb, 00000000:21:00.0, 24576, 500, 23833, 8.6, "
+    "570.172.08, 350.00, 100.00, 350.00, Enabled",
+    "exit=0"])
 
 
 def run_command(tmp_path, config: dict | None) -> dict:
-    """The fact's own command, in a shell, with the fake nvidia-smi (or none) on PATH."""
+    """The facts' own commands, in a shell, with the fake nvidia-smi (or none) on PATH."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     env = {"PATH": "/usr/bin:/bin"}
@@ -44,10 +48,13 @@ def run_command(tmp_path, config: dict | None) -> dict:
         (tmp_path / "gpus.json").write_text(json.dumps(config))
         env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "FAKE_NVIDIA_CONFIG": str(
             tmp_path / "gpus.json"), "FAKE_NVIDIA_STATE_DIR": str(tmp_path / "state")}
-    out = subprocess.run(["sh", "-c", COMMAND], capture_output=True, text=True, env=env,
-                         timeout=30)
-    assert out.returncode == 0, out.stderr
-    return parse(out.stdout.splitlines())
+    def run(command):
+        out = subprocess.run(["sh", "-c", command], capture_output=True, text=True, env=env,
+                             timeout=30)
+        assert out.returncode == 0, out.stderr
+        return out.stdout.splitlines()
+
+    return with_gpus(parse(run(COMMAND)), GpuMemory().process(run(GPU_QUERY_COMMAND)))
 
 
 def test_fact_command_reads_memory_used_and_processes_from_nvidia_smi(tmp_path):
@@ -70,18 +77,19 @@ def test_fact_without_nvidia_smi_or_without_a_driver(tmp_path):
     none = run_command(tmp_path, None)
     assert none["gpus"] is None and none["gpu_error"] is None and none["ram"]
     (tmp_path / "broken").mkdir()  # the fake without its config: no driver loaded
-    broken = subprocess.run(
-        ["sh", "-c", COMMAND], capture_output=True, text=True, timeout=30,
-        env={"PATH": f"{FAKES_DIR}:/usr/bin:/bin",
-             "FAKE_NVIDIA_CONFIG": str(tmp_path / "broken" / "none.json"),
-             "FAKE_NVIDIA_STATE_DIR": str(tmp_path / "broken")})
-    memory = parse(broken.stdout.splitlines())
+    env = {"PATH": f"{FAKES_DIR}:/usr/bin:/bin",
+           "FAKE_NVIDIA_CONFIG": str(tmp_path / "broken" / "none.json"),
+           "FAKE_NVIDIA_STATE_DIR": str(tmp_path / "broken")}
+    broken = [subprocess.run(["sh", "-c", command], capture_output=True, text=True,
+                             timeout=30, env=env).stdout.splitlines()
+              for command in (COMMAND, GPU_QUERY_COMMAND)]
+    memory = with_gpus(parse(broken[0]), GpuMemory().process(broken[1]))
     assert memory["gpus"] is None
     assert "couldn't communicate with the NVIDIA driver" in memory["gpu_error"]
 
 
 def test_fact_parses_servers_and_cells_nvidia_smi_cannot_fill():
-    memory = parse(CAPTURED)
+    memory = with_gpus(parse(CAPTURED), CAPTURED_GPUS)
     assert memory["apps"][2] == {"uuid": "GPU-bbbb", "pid": 303, "used_mib": None}
     assert memory["servers"] == {101: {"unit": "llama-server-big.service", "rss_kib": 2097152},
                                  303: {"unit": "llama-server-other.service",
@@ -108,7 +116,7 @@ def test_capacity_from_facts_counts_only_what_this_deploy_replaces_as_free():
     rig = rig_with({"big": profile(), "other": profile(port=8001),
                     "old": profile(port=8002, enabled=False)},
                    gpu_memory_mib=99999, gpu_reserve_mib=[0, 24000])
-    opts = fit.options_for(rig, "big", parse(CAPTURED))
+    opts = fit.options_for(rig, "big", with_gpus(parse(CAPTURED), CAPTURED_GPUS))
     # GPU 0: free 2333 + the 20000 of big's own server (pid 101); pid 202 is not ours
     # GPU 1: free 23833 + nothing (pid 303 is `other`, which keeps running), but
     # gpu_reserve_mib 24000 leaves 576: the larger of measured and reserved use counts
@@ -118,7 +126,7 @@ def test_capacity_from_facts_counts_only_what_this_deploy_replaces_as_free():
     # RAM: available + big's server's resident memory (other's stays taken)
     assert opts.ram == (30000000 + 2097152) * 1024 and not opts.weights_in_ram
     # from `other`'s side, big's server keeps running: its 20000 MiB stay taken
-    assert fit.options_for(rig, "other", parse(CAPTURED)).capacities["0"] == 2333 * MIB
+    assert fit.options_for(rig, "other", with_gpus(parse(CAPTURED), CAPTURED_GPUS)).capacities["0"] == 2333 * MIB
     assert fit.options_for(rig_with({"big": profile(no_mmap=True)}), "big").weights_in_ram
 
 
@@ -132,7 +140,7 @@ def test_settings_only_where_nvidia_smi_does_not_answer():
 
 def test_an_engine_without_cuda_plans_everything_on_the_cpu():
     rig = rig_with({"c": profile(engine="cpu")})
-    opts = fit.options_for(rig, "c", parse(CAPTURED))
+    opts = fit.options_for(rig, "c", with_gpus(parse(CAPTURED), CAPTURED_GPUS))
     assert opts.gpus == [] and opts.capacities == {}
     p = fit.plan(small(), opts)
     assert p.gpus == [] and p.device("CPU").weights == 1000 + 4 * 1110 + 504

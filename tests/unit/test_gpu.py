@@ -2,70 +2,138 @@
 
 from __future__ import annotations
 
-import os
+import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from llm_garage.facts.gpu import GPU_TABLE_COMMAND, Gpu, GpuTable, parse_gpu_table
+from llm_garage.facts.gpu import (
+    GPU_QUERY_COMMAND,
+    Gpu,
+    GpuComputeCaps,
+    GpuInventory,
+    GpuMemory,
+    GpuTable,
+    NvidiaDriver,
+    parse_query,
+)
 from llm_garage.operations import gpu as gpu_ops
 from llm_garage.operations.gpu import GpuError, PowerChange, plan_power
 from tests.unit.ophelper import on_host, run_op
 
 FAKE_SMI = Path(__file__).resolve().parents[2] / "lab" / "standins" / "gpu" / "nvidia-smi"
 
-TABLE_3090 = [
-    "0, NVIDIA GeForce RTX 3090, 350.00, 100.00, 350.00, Enabled",
-    "1, NVIDIA GeForce RTX 3090, 280.00, 100.00, 350.00, Disabled",
+# nvidia-smi --query-gpu=<QUERY_FIELDS> --format=csv,noheader,nounits, as the driver prints it
+# (index, name, uuid, pci.bus_id, memory.total/used/free, compute_cap, driver_version,
+# power.limit/min_limit/max_limit, persistence_mode)
+QUERY_3090 = [
+    "0, NVIDIA GeForce RTX 3090, GPU-aaaa, 00000000:01:00.0, 24576, 22000, 2333, 8.6, "
+    "570.172.08, 350.00, 100.00, 350.00, Enabled",
+    "1, NVIDIA GeForce RTX 3090, GPU-bbbb, 00000000:21:00.0, 24576, 1, 24332, 8.6, "
+    "570.172.08, 280.00, 100.00, 350.00, Disabled",
+    "exit=0",
 ]
+NO_DRIVER = ["NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver. "
+             "Make sure that the latest NVIDIA driver is installed and running.", "exit=9"]
 
 
 def gpu(index, limit=350.0, low=100.0, high=350.0, persistence=True, name="RTX 3090"):
     return Gpu(index, name, limit, low, high, persistence)
 
 
-def test_parse_table():
-    assert parse_gpu_table(TABLE_3090) == [
+def test_power_table():
+    assert GpuTable().process(QUERY_3090) == [
         Gpu(0, "NVIDIA GeForce RTX 3090", 350.0, 100.0, 350.0, True),
         Gpu(1, "NVIDIA GeForce RTX 3090", 280.0, 100.0, 350.0, False),
     ]
 
 
-def test_parse_table_with_unavailable_cells_and_a_comma_in_the_name():
-    rows = parse_gpu_table([
-        "1, Tesla K80, Rev 2, [N/A], [Not Supported], [Unknown Error], [N/A]",
-        "0, NVIDIA RTX PRO 6000 Blackwell Workstation Edition, 600.00, 150.00, 600.00, Enabled",
+def test_unavailable_cells_and_a_comma_in_the_name():
+    rows = [
+        "1, Tesla K80, Rev 2, GPU-k80, 00000000:05:00.0, 11441, [N/A], [N/A], 3.7, 470.82.01, "
+        "[N/A], [Not Supported], [Unknown Error], [N/A]",
+        "0, NVIDIA RTX PRO 6000 Blackwell Workstation Edition, GPU-pro, 00000000:41:00.0, "
+        "97887, 425, 97460, 12.0, 580.95.05, 600.00, 150.00, 600.00, Enabled",
         "",
-    ])
-    assert rows == [
+        "exit=0",
+    ]
+    assert GpuTable().process(rows) == [
         Gpu(0, "NVIDIA RTX PRO 6000 Blackwell Workstation Edition", 600.0, 150.0, 600.0, True),
         Gpu(1, "Tesla K80, Rev 2", None, None, None, None),
     ]
+    memory = GpuMemory().process(rows)
+    assert memory["gpu_error"] is None and memory["gpus"][1] == {
+        "index": 1, "uuid": "GPU-k80", "total_mib": 11441, "used_mib": None, "free_mib": None}
+    assert GpuComputeCaps().process(rows) == {"caps": ["12.0", "3.7"], "error": None}
+    assert NvidiaDriver().process(rows) == {"version": "580.95.05", "error": None}
 
 
-@pytest.mark.parametrize("lines", [
-    ["NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver."],
-    ["0, only, three"],
-])
-def test_parse_table_refuses_what_is_not_a_table(lines):
-    assert parse_gpu_table(lines) is None
+@pytest.mark.parametrize("lines", [NO_DRIVER, ["0, only, three", "exit=0"]])
+def test_what_is_not_a_table_is_nvidia_smis_message(lines):
+    said = " ".join(lines[:-1])
+    assert parse_query(lines) == (None, said)
+    assert GpuTable().process(lines) is None  # the power settings stop, saying so
+    assert GpuMemory().process(lines) == {"gpus": None, "gpu_error": said}
+    assert GpuInventory().process(lines) == {"gpus": [], "error": said}
+    assert GpuComputeCaps().process(lines) == {"caps": [], "error": said}
+    assert NvidiaDriver().process(lines) == {"version": None, "error": said}
 
 
-def test_fact_reads_the_fake_nvidia_smi(tmp_path):
-    """The fact's command against the fake nvidia-smi (real output format)."""
-    (tmp_path / "etc/fake-nvidia").mkdir(parents=True)
-    (tmp_path / "etc/fake-nvidia/gpus.json").write_text(
-        '{"gpus": [{"model": "rtx3090"}, {"model": "rtxpro6000"}]}')
-    env = dict(os.environ, FAKE_NVIDIA_ROOT=str(tmp_path))
-    argv = [sys.executable, str(FAKE_SMI), *GPU_TABLE_COMMAND.split()[1:]]
-    out = subprocess.run(argv, capture_output=True, text=True, env=env, check=True).stdout
-    assert GpuTable().process(out.splitlines()) == [
+def test_every_gpu_fact_runs_the_one_query():
+    """One command for all: a read-ahead batch runs nvidia-smi once for every GPU fact."""
+    facts = (GpuTable, GpuMemory, GpuInventory, GpuComputeCaps, NvidiaDriver)
+    assert {cls().command for cls in facts} == {GPU_QUERY_COMMAND}
+
+
+def run_query(tmp_path, config: dict | None) -> list[str]:
+    """The facts' own command, in a shell, with the fake nvidia-smi (or none) on PATH."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin"}
+    if config is not None:
+        (bin_dir / "nvidia-smi").symlink_to(FAKE_SMI)
+        (tmp_path / "gpus.json").write_text(json.dumps(config))
+        env.update(FAKE_NVIDIA_CONFIG=str(tmp_path / "gpus.json"),
+                   FAKE_NVIDIA_STATE_DIR=str(tmp_path / "state"))
+    out = subprocess.run(["sh", "-c", GPU_QUERY_COMMAND], capture_output=True, text=True,
+                         env=env, timeout=30)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.splitlines()
+
+
+def test_facts_read_the_fake_nvidia_smi(tmp_path):
+    """The facts' command against the fake nvidia-smi (real output format)."""
+    out = run_query(tmp_path, {"gpus": [{"model": "rtx3090"}, {"model": "rtxpro6000"}]})
+    assert GpuTable().process(out) == [
         Gpu(0, "NVIDIA GeForce RTX 3090", 350.0, 100.0, 350.0, False),
         Gpu(1, "NVIDIA RTX PRO 6000 Blackwell Workstation Edition", 600.0, 150.0, 600.0, False),
     ]
-    assert GpuTable().requires_command() == "nvidia-smi"
+    inventory = GpuInventory().process(out)
+    assert inventory["error"] is None
+    assert [(g["name"], g["memory_mib"], g["compute_cap"]) for g in inventory["gpus"]] == [
+        ("NVIDIA GeForce RTX 3090", 24576, "8.6"),
+        ("NVIDIA RTX PRO 6000 Blackwell Workstation Edition", 97887, "12.0")]
+    assert all(g["uuid"].startswith("GPU-") and g["pci_bus_id"] for g in inventory["gpus"])
+    assert GpuComputeCaps().process(out) == {"caps": ["8.6", "12.0"], "error": None}
+    assert re.fullmatch(r"\d+(\.\d+)+", NvidiaDriver().process(out)["version"])
+
+
+def test_facts_without_nvidia_smi_or_without_a_driver(tmp_path):
+    missing = run_query(tmp_path, None)
+    for cls in (GpuTable, GpuMemory, GpuInventory, GpuComputeCaps, NvidiaDriver):
+        assert cls().process(missing) is None, cls
+    (tmp_path / "broken").mkdir()  # the fake without its config: no driver loaded
+    broken = subprocess.run(
+        ["sh", "-c", GPU_QUERY_COMMAND], capture_output=True, text=True, timeout=30,
+        env={"PATH": f"{FAKE_SMI.parent}:/usr/bin:/bin",
+             "FAKE_NVIDIA_CONFIG": str(tmp_path / "broken" / "none.json"),
+             "FAKE_NVIDIA_STATE_DIR": str(tmp_path / "broken")}).stdout.splitlines()
+    assert GpuTable().process(broken) is None
+    assert "couldn't communicate with the NVIDIA driver" in GpuMemory().process(broken)[
+        "gpu_error"]
 
 
 # --- decisions -----------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """llm_garage.readahead with the real pyinfra CLI on @local (lab/deploys/readahead_probe.py):
-one command reads every declared fact; an answer is used only until an operation runs a
-command; odd outputs keep their shape; a fact that fails in a batch is read again, alone if
-need be; a second run changes nothing."""
+one command reads every declared fact; facts with the same command share one run of it; an
+answer is used only until an operation runs a command; odd outputs keep their shape; a fact
+that fails in a batch is read again, alone if need be; a second run changes nothing."""
 
 from __future__ import annotations
 
@@ -39,17 +39,21 @@ def test_one_command_reads_what_the_operations_declared_until_one_changes_the_ri
     seen = {r["label"]: r["value"] for r in map(json.loads, out.read_text().splitlines())}
     assert seen["a before"] == sha("old text\n") and seen["b"] == sha("b\n")
     assert seen["a after"] == sha("new text\n")  # read again after the write
-    for label in ("odd 1", "odd 2"):
-        no_newline, silent, failing = seen[label]
+    for label, batch in (("odd 1", 1), ("odd 2", 2)):
+        no_newline, silent, failing, runs, runs_text = seen[label]
         assert no_newline == ["one", "two"] and silent == []
-        assert failing == [f"answered at try {3 if label == 'odd 1' else 4}"]
-    batches = re.findall(r"read ahead: (\d+) of (\d+) fact\(s\) in one command", log)
-    # all 5 declared facts at the first read, the failing one (twice) ...
-    assert batches[0] == ("4", "5") and batches[1] == ("0", "1"), batches
+        assert failing == [f"answered at try {batch + 2}"]
+        # two facts, one command: run once per batch, both read that run
+        assert (runs, runs_text) == (batch, f"run {batch}")
+    assert (tmp_path / "runs").read_text() == "2\n"
+    batches = re.findall(r"read ahead: (\d+) of (\d+) fact\(s\) in one command \((\d+) run",
+                         log)
+    # all 7 declared facts (6 commands) at the first read, the failing one (twice) ...
+    assert batches[0] == ("6", "7", "6") and batches[1] == ("0", "1", "1"), batches
     # ... read alone by pyinfra once; after the write, what was still to be read, at once
     # (the deploy file runs as a module named builtins)
     assert len(re.findall(r"Getting fact: builtins\.Failing", log)) == 1, log[-4000:]
-    assert batches[2] == ("4", "4") and len(batches) == 3, batches
+    assert batches[2] == ("6", "6", "5") and len(batches) == 3, batches
     # nothing else read one fact at a time
     assert not re.findall(r"Getting fact: (?!builtins\.Failing)", log)
 

@@ -11,8 +11,8 @@ import subprocess
 import pytest
 
 from llm_garage import rigdoc
+from llm_garage.facts.gpu import GpuInventory
 from llm_garage.facts.rigdoc import (
-    parse_gpus,
     parse_loaded,
     parse_report,
     parse_stamp,
@@ -28,12 +28,12 @@ SHA_A, SHA_B = "a" * 64, "b" * 64
 SECRET_KEY = "sk-rigdoc-test-8d1e"
 HF_TOKEN = "hf_rigdocTestToken123"
 
-# nvidia-smi --query-gpu=<GPU_FIELDS> --format=csv,noheader,nounits, as the driver prints it
+# nvidia-smi --query-gpu=<QUERY_FIELDS> --format=csv,noheader,nounits, as the driver prints it
 GPU_LINES = [
     "0, NVIDIA GeForce RTX 3090, GPU-5e7ac9b4-1111-2222-3333-444455556666, 00000000:01:00.0, "
-    "24576, 8.6, 570.172.08, 280.00, 100.00, 350.00, Enabled",
+    "24576, 1, 24332, 8.6, 570.172.08, 280.00, 100.00, 350.00, Enabled",
     "1, NVIDIA RTX PRO 6000 Blackwell Workstation Edition, GPU-0b1c, 00000000:41:00.0, 97887, "
-    "12.0, 570.172.08, [N/A], 150.00, 600.00, Disabled",
+    "0, 97460, 12.0, 570.172.08, [N/A], 150.00, 600.00, Disabled",
 ]
 # a llama.cpp start log, the lines the fact greps
 LOAD_LINES = [
@@ -51,7 +51,7 @@ LOAD_LINES = [
 
 
 def test_gpu_rows_with_real_field_names_and_unavailable_cells():
-    out = parse_gpus(GPU_LINES)
+    out = GpuInventory().process(GPU_LINES)
     assert out["error"] is None
     first, second = out["gpus"]
     assert first == {"index": 0, "name": "NVIDIA GeForce RTX 3090",
@@ -61,8 +61,8 @@ def test_gpu_rows_with_real_field_names_and_unavailable_cells():
                      "power_limit_w": 280.0, "power_min_w": 100.0, "power_max_w": 350.0,
                      "persistence_mode": True}
     assert second["power_limit_w"] is None and second["persistence_mode"] is False
-    failed = parse_gpus(["NVIDIA-SMI has failed because it couldn't communicate with the "
-                         "NVIDIA driver."])
+    failed = GpuInventory().process(["NVIDIA-SMI has failed because it couldn't communicate "
+                                     "with the NVIDIA driver.", "exit=9"])
     assert failed["gpus"] == [] and "couldn't communicate" in failed["error"]
 
 
@@ -191,7 +191,7 @@ def _report(build, free=1000):
                     "memory_bytes": 256 * 2**30,
                     "disk": {"filesystem": "/dev/nvme0n1p2", "size_bytes": 4 * 2**40,
                              "free_bytes": free, "mounted_on": "/"}},
-        "gpus": parse_gpus(GPU_LINES[:1]),
+        "gpus": GpuInventory().process(GPU_LINES[:1]),
         "nvcc": {"nvcc": "/usr/local/cuda/bin/nvcc", "version": "12.8"},
         "engines": {"llama": {"current": build.key, "builds": {build.key: parse_stamp([
             build.stamp, f"version=version: 8137 ({build.commit[:7]})", "seconds=366",
