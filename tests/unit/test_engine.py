@@ -22,7 +22,6 @@ from llm_garage.facts.engine import (
     parse_nvcc_release,
     parse_nvcc_version,
 )
-from llm_garage.facts.gpu import GpuComputeCaps, NvidiaDriver
 from llm_garage.operations import engine as ops
 from llm_garage.operations.engine import build_command, builds_to_prune, parse_stamp
 from llm_garage.plans.engines import (

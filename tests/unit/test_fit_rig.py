@@ -126,7 +126,8 @@ def test_capacity_from_facts_counts_only_what_this_deploy_replaces_as_free():
     # RAM: available + big's server's resident memory (other's stays taken)
     assert opts.ram == (30000000 + 2097152) * 1024 and not opts.weights_in_ram
     # from `other`'s side, big's server keeps running: its 20000 MiB stay taken
-    assert fit.options_for(rig, "other", with_gpus(parse(CAPTURED), CAPTURED_GPUS)).capacities["0"] == 2333 * MIB
+    other = fit.options_for(rig, "other", with_gpus(parse(CAPTURED), CAPTURED_GPUS))
+    assert other.capacities["0"] == 2333 * MIB
     assert fit.options_for(rig_with({"big": profile(no_mmap=True)}), "big").weights_in_ram
 
 
